@@ -1,0 +1,88 @@
+"""Small fixtures shared by the tests: tiny random HF checkpoints written with torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def perturb_(model, seed: int, scale: float = 0.05) -> None:
+    """Random values everywhere (norm weights included): parity on ones/zeros proves little."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def tiny_hf_causal_lm(tmp: Path, family: str, seed: int = 0, **overrides):
+    """Write a random tiny HF causal LM of ``family`` to ``tmp``; return (path, torch model)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kw = {**TINY_LLAMA, **overrides}
+    if family == "llama":
+        config = transformers.LlamaConfig(**kw)
+        model = transformers.LlamaForCausalLM(config)
+    elif family == "llama3":
+        kw.setdefault("rope_scaling", {"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 32})
+        kw.setdefault("rope_theta", 500000.0)
+        kw.setdefault("tie_word_embeddings", True)
+        config = transformers.LlamaConfig(**kw)
+        model = transformers.LlamaForCausalLM(config)
+    elif family == "mistral":
+        kw.setdefault("sliding_window", 5)
+        config = transformers.MistralConfig(**kw)
+        model = transformers.MistralForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**kw)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif family == "qwen3":
+        kw.setdefault("head_dim", 16)
+        config = transformers.Qwen3Config(**kw)
+        model = transformers.Qwen3ForCausalLM(config)
+    else:
+        raise ValueError(family)
+    perturb_(model, seed)
+    model.eval()
+    path = tmp / family
+    model.save_pretrained(path)
+    return path, model
+
+
+def tiny_hf_bert(tmp: Path, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, type_vocab_size=2)
+    model = transformers.BertModel(config)
+    perturb_(model, seed)
+    model.eval()
+    path = tmp / "bert"
+    model.save_pretrained(path)
+    return path, model
+
+
+def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,
+                 left_pad: bool = True):
+    """Random ids with ragged (left- or right-padded) attention masks."""
+    ids = rng.integers(1, vocab, size=(batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for b in range(1, batch):
+        pad = int(rng.integers(1, length // 2))
+        if left_pad:
+            mask[b, :pad] = 0
+        else:
+            mask[b, length - pad:] = 0
+    return ids, mask

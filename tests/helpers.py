@@ -86,3 +86,17 @@ def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int,
         else:
             mask[b, length - pad:] = 0
     return ids, mask
+
+
+def tiny_tokenizer(vocab_size: int = 96):
+    """A real fast tokenizer over words w0..w{n}: token id == word index, <eos> = 2."""
+    import tokenizers
+    import transformers
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>")

@@ -1,0 +1,198 @@
+"""The generator: batched decoding on a KV cache, and log p(target | prompt) scoring.
+
+``generate`` left-pads the prompts to a length bucket, runs one jit-compiled program (prefill
+then a ``while_loop`` of single-token steps on the cache) and stops each row at EOS.
+``score`` puts every (prompt, target) pair in one forward and evaluates the LM head only at
+the target positions: LSR (``finetune``) is built on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .errors import DataError
+from .models.llama import CausalLM
+
+DEFAULT_LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (or n rounded up to a multiple of 128 past the last)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // 128) * 128
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        row = list(row)[-length:]
+        if row:
+            ids[i, length - len(row):] = row
+            mask[i, length - len(row):] = True
+    return ids, mask
+
+
+def sample_next(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float):
+    """Greedy when temperature == 0, else nucleus sampling from softmax(logits / T)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff_index = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_p"))
+def _decode(graphdef, state, ids, mask, rng, stop_ids, pad_id, *, max_new_tokens: int,
+            temperature: float, top_p: float):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    logits, cache = model(ids, mask, cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token = sample_next(logits[:, -1], step_rng, temperature, top_p)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    done = jnp.isin(token, stop_ids)
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, done, out, rng = carry
+        logits, cache = model(token[:, None], jnp.ones((batch, 1), bool), cache=cache)
+        rng, step_rng = jax.random.split(rng)
+        nxt = sample_next(logits[:, -1], step_rng, temperature, top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, rng
+
+    _, _, _, _, out, _ = jax.lax.while_loop(cond, body, (1, token, cache, done, out, rng))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _target_logprobs(graphdef, state, ids, mask, target_index, target_ids, target_mask):
+    """log p of each target token: hidden states at the positions that predict targets only."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(ids, mask)
+    picked = jnp.take_along_axis(hidden, target_index[..., None], axis=1)  # [B, Tt, D]
+    logp = jax.nn.log_softmax(model.logits(picked), axis=-1)
+    token_logp = jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
+    return jnp.where(target_mask, token_logp, 0.0)
+
+
+class Generator:
+    """A causal LM with its tokenizer: ``generate`` and ``score``."""
+
+    def __init__(self, model: CausalLM, tokenizer, *, use_chat_template: bool | None = None,
+                 length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.length_buckets = tuple(length_buckets)
+        if use_chat_template is None:
+            use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = use_chat_template
+        eos = model.config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.stop_ids = np.asarray(eos or [-1], np.int32)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (eos[0] if eos else 0))
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: str | None = None, mesh=None,
+                        **kwargs) -> Generator:
+        from .models.hf import load_tokenizer
+
+        return cls(CausalLM.from_pretrained(path, dtype=dtype, mesh=mesh), load_tokenizer(path),
+                   **kwargs)
+
+    # --- text <-> ids ---------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        if not self.use_chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        texts = [self.format_prompt(p) for p in prompts]
+        # a chat template already holds the special tokens it wants
+        return self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+
+    # --- generate ----------------------------------------------------------------------------
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+        """New token ids [B, max_new_tokens], padded with the pad id after each row's EOS."""
+        if not prompt_ids:
+            return np.zeros((0, max_new_tokens), np.int32)
+        length = bucket_length(max(len(p) for p in prompt_ids), self.length_buckets)
+        ids, mask = left_pad(prompt_ids, length, self.pad_id)
+        graphdef, state = nnx.split(self.model)
+        out = _decode(graphdef, state, ids, mask, jax.random.key(seed), self.stop_ids,
+                      np.int32(self.pad_id), max_new_tokens=int(max_new_tokens),
+                      temperature=float(temperature), top_p=float(top_p))
+        return np.asarray(out)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+        new = self.generate_ids(self.encode_prompts(prompts), max_new_tokens, temperature,
+                                top_p, seed)
+        texts = []
+        for row in new:
+            stops = np.flatnonzero(np.isin(row, self.stop_ids))
+            row = row[: stops[0]] if stops.size else row
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    # --- score -------------------------------------------------------------------------------
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
+                  reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
+        """log p(target | prompt) per pair, summed (or averaged) over target tokens only."""
+        if len(prompt_ids) != len(target_ids):
+            raise DataError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
+        if any(len(t) == 0 for t in target_ids):
+            raise DataError("every target needs at least one token")
+        t_len = max(len(t) for t in target_ids)
+        length = bucket_length(max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids,
+                                                                    strict=True)),
+                               self.length_buckets)
+        rows = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
+        ids, mask = left_pad(rows, length, self.pad_id)
+        target = np.zeros((len(rows), t_len), np.int32)
+        index = np.zeros((len(rows), t_len), np.int32)
+        tmask = np.zeros((len(rows), t_len), bool)
+        for i, t in enumerate(target_ids):
+            n = len(t)
+            target[i, :n] = t
+            index[i, :n] = np.arange(length - n - 1, length - 1)  # the position before each
+            tmask[i, :n] = True
+        graphdef, state = nnx.split(self.model)
+        logp = np.asarray(_target_logprobs(graphdef, state, ids, mask, index, target, tmask),
+                          np.float64)
+        total = logp.sum(-1)
+        return total / tmask.sum(-1) if reduction == "mean" else total
+
+    def score(self, prompts: Sequence[str], targets: Sequence[str],
+              reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
+        """log p(target | prompt), the target tokenized on its own (no special tokens)."""
+        prompt_ids = self.encode_prompts(prompts)
+        target_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+        return self.score_ids(prompt_ids, target_ids, reduction)

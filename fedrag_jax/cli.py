@@ -12,10 +12,12 @@ from .errors import FedRAGJaxError
 
 
 def _detect_kind(src: Path) -> str:
+    from .models import bert, llama
+    from .models.hf import existing_checkpoint, read_hf_config
+
+    src = existing_checkpoint(src)
     if src.is_file() and src.suffix == ".gguf":
         return "causal-lm"
-    from .models import bert, llama
-    from .models.hf import read_hf_config
 
     model_type = read_hf_config(src).get("model_type")
     if model_type in llama.SUPPORTED_MODEL_TYPES:

@@ -43,7 +43,7 @@ def numpy_dtype(name: str | Any) -> np.dtype:
 
 
 # --- reading -------------------------------------------------------------------------------
-def _existing(path: str | os.PathLike) -> Path:
+def existing_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointNotFoundError(
@@ -141,7 +141,7 @@ def _dtypes(dtype: str | None, param_dtype: str | None) -> dict[str, str]:
 
 
 def load_causal_lm(path, *, dtype=None, param_dtype=None, mesh=None, rules=None):
-    p = _existing(path)
+    p = existing_checkpoint(path)
     if p.is_file():
         if p.suffix != ".gguf":
             raise CheckpointNotFoundError(f"{p} is a file but not .gguf; pass the HF folder")
@@ -196,7 +196,7 @@ def read_sentence_transformers_pooling(folder: Path) -> dict[str, Any]:
 
 def load_encoder(path, *, dtype=None, param_dtype=None, pooling=None, normalize=None,
                  mesh=None, rules=None):
-    p = _existing(path)
+    p = existing_checkpoint(path)
     if not p.is_dir():
         raise CheckpointNotFoundError(f"{p} is not a folder; encoders load from HF folders")
     hf_config = read_hf_config(p)
@@ -222,7 +222,7 @@ def load_encoder(path, *, dtype=None, param_dtype=None, pooling=None, normalize=
 
 def load_tokenizer(path):
     """The tokenizer of a HF folder, or the one a GGUF file carries (built without torch)."""
-    p = _existing(path)
+    p = existing_checkpoint(path)
     if p.is_file() and p.suffix == ".gguf":
         from .gguf import tokenizer_from_gguf
 

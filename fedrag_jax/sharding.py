@@ -150,3 +150,18 @@ def shard_batch(batch, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, batch)
+
+
+def variable_shardings(state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """For an ``nnx.State``: the same tree with each variable's NamedSharding as its value."""
+    from flax import nnx
+
+    def to_sharding(var):
+        axes = var.get_metadata().get("out_sharding")
+        return var.replace(value=named_sharding(mesh, axes, var.get_value().shape, rules))
+
+    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,159 @@
+"""Pure train steps: ``step(state, batch) -> (state, metrics)``, jit-compiled with explicit
+shardings over the mesh and the old state donated.
+
+    lsr_step   retriever: KL(Q_LM || P_R) over each query's top-k passages
+    ralt_step  generator: cross-entropy on response + EOS tokens
+
+Only the *trainable* variables (a filter: the query tower, or the LoRA adapters) are
+differentiated and carry optimizer state; the rest of the model rides along as ``frozen``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from ..sharding import DEFAULT_RULES, LogicalRules, batch_sharding, replicated, variable_shardings
+from .losses import lsr_loss, ralt_loss
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trainable variables
+    frozen: nnx.State  # everything else in the model
+    opt_state: optax.OptState
+    rng: jax.Array
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation,
+               trainable: Any = nnx.Param, seed: int = 0) -> TrainState:
+        graphdef, params, frozen = nnx.split(model, trainable, ...)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                   opt_state=tx.init(params), rng=jax.random.key(seed), graphdef=graphdef,
+                   tx=tx)
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.frozen)
+
+
+class Towers(nnx.Module):
+    """The two retriever towers as one module, so a filter can pick the trainable one."""
+
+    def __init__(self, query: nnx.Module, context: nnx.Module):
+        self.query = query
+        self.context = context
+
+
+QUERY_TOWER = nnx.All(nnx.Param, nnx.PathContains("query"))
+
+
+# --- objectives: (model, batch) -> (loss, aux metrics) --------------------------------------
+def lsr_objective(model: Towers, batch: Batch, *, tau_retrieval: float, tau_lm: float):
+    """s(x, d) = <q(x), e_d>; e_d from the store, or re-encoded by the context tower."""
+    q = model.query(batch["query_ids"], batch["query_mask"])  # [B, D]
+    if "passage_ids" in batch:  # train (or at least run) the context tower
+        b, k, length = batch["passage_ids"].shape
+        e = model.context(batch["passage_ids"].reshape(b * k, length),
+                          batch["passage_mask"].reshape(b * k, length)).reshape(b, k, -1)
+    else:
+        e = batch["passage_emb"]
+    scores = jnp.einsum("bd,bkd->bk", q, e.astype(q.dtype))
+    loss = lsr_loss(scores, batch["lm_logprobs"], tau_retrieval=tau_retrieval, tau_lm=tau_lm,
+                    mask=batch["example_mask"])
+    p_r = jax.nn.softmax(scores / tau_retrieval, axis=-1)
+    best = jnp.argmax(batch["lm_logprobs"], axis=-1)
+    p_best = jnp.take_along_axis(p_r, best[:, None], axis=-1)[:, 0]
+    m = batch["example_mask"].astype(jnp.float32)
+    return loss, {"p_retrieval_of_lm_best": jnp.sum(p_best * m) / jnp.maximum(m.sum(), 1.0)}
+
+
+def ralt_objective(model: nnx.Module, batch: Batch):
+    """Logits only at the positions that predict response + EOS tokens."""
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
+    logits = model.logits(picked)
+    loss = ralt_loss(logits, batch["target_ids"], batch["target_mask"], batch.get("weights"))
+    return loss, {"target_tokens": jnp.sum(batch["target_mask"])}
+
+
+# --- the generic step -----------------------------------------------------------------------
+def train_step(state: TrainState, batch: Batch, *, objective: Callable,
+               micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update; gradients are accumulated over ``micro_batches`` slices."""
+
+    def loss_and_grads(mb: Batch):
+        def loss_of(params):
+            return objective(nnx.merge(state.graphdef, params, state.frozen), mb)
+
+        return jax.value_and_grad(loss_of, has_aux=True)(state.params)
+
+    if micro_batches == 1:
+        (loss, aux), grads = loss_and_grads(batch)
+    else:
+        split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            (loss, aux), grads = loss_and_grads(mb)
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_and_grads(
+            jax.tree.map(lambda x: x[0], split))))
+        (loss, aux), grads = zero
+        (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), split)
+        loss, grads = loss / micro_batches, jax.tree.map(lambda g: g / micro_batches, grads)
+        aux = jax.tree.map(lambda a: a / micro_batches, aux)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+
+def lsr_step(state: TrainState, batch: Batch, *, tau_retrieval: float = 1.0,
+             tau_lm: float = 1.0, micro_batches: int = 1):
+    objective = functools.partial(lsr_objective, tau_retrieval=tau_retrieval, tau_lm=tau_lm)
+    return train_step(state, batch, objective=objective, micro_batches=micro_batches)
+
+
+def ralt_step(state: TrainState, batch: Batch, *, micro_batches: int = 1):
+    return train_step(state, batch, objective=ralt_objective, micro_batches=micro_batches)
+
+
+# --- placement and compilation --------------------------------------------------------------
+def state_shardings(state: TrainState, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    params = variable_shardings(state.params, mesh, rules)
+    frozen = variable_shardings(state.frozen, mesh, rules)
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(state.tx, lambda _, s: s, state.opt_state, params,
+                                transform_non_params=lambda _: rep)
+    return state.replace(step=rep, params=params, frozen=frozen, opt_state=opt, rng=rep)
+
+
+def place_state(state: TrainState, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def compile_step(step_fn: Callable, state: TrainState, batch: Batch, mesh: Mesh,
+                 rules: LogicalRules = DEFAULT_RULES, **hyper: Any) -> Callable:
+    """``jax.jit(step)`` with in/out shardings from the mesh and the state donated.
+
+    Every batch array is sharded along its leading (example) dimension.
+    """
+    state_sh = state_shardings(state, mesh, rules)
+    batch_sh = {k: batch_sharding(mesh, jnp.ndim(v), rules) for k, v in batch.items()}
+    fn = functools.partial(step_fn, **hyper)
+    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)

@@ -52,20 +52,20 @@ class Towers(nnx.Module):
     """The two retriever towers as one module, so a filter can pick the trainable one."""
 
     def __init__(self, query: nnx.Module, context: nnx.Module):
-        self.query = query
-        self.context = context
+        self.query_tower = query
+        self.context_tower = context
 
 
-QUERY_TOWER = nnx.All(nnx.Param, nnx.PathContains("query"))
+QUERY_TOWER = nnx.All(nnx.Param, nnx.PathContains("query_tower"))
 
 
 # --- objectives: (model, batch) -> (loss, aux metrics) --------------------------------------
 def lsr_objective(model: Towers, batch: Batch, *, tau_retrieval: float, tau_lm: float):
     """s(x, d) = <q(x), e_d>; e_d from the store, or re-encoded by the context tower."""
-    q = model.query(batch["query_ids"], batch["query_mask"])  # [B, D]
+    q = model.query_tower(batch["query_ids"], batch["query_mask"])  # [B, D]
     if "passage_ids" in batch:  # train (or at least run) the context tower
         b, k, length = batch["passage_ids"].shape
-        e = model.context(batch["passage_ids"].reshape(b * k, length),
+        e = model.context_tower(batch["passage_ids"].reshape(b * k, length),
                           batch["passage_mask"].reshape(b * k, length)).reshape(b, k, -1)
     else:
         e = batch["passage_emb"]
@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch: Batch, *, objective: Callable,
         aux = jax.tree.map(lambda a: a / micro_batches, aux)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics
@@ -143,7 +143,14 @@ def state_shardings(state: TrainState, mesh: Mesh, rules: LogicalRules = DEFAULT
 
 
 def place_state(state: TrainState, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+    """Lay the state out on the mesh as the rules say, every leaf in a buffer of its own.
+
+    (Small constants such as the zero step counters may share one buffer; a donated state
+    must not, so each leaf is copied inside the jit that places it.)
+    """
+    copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s),
+                   out_shardings=state_shardings(state, mesh, rules))
+    return copy(state)
 
 
 def compile_step(step_fn: Callable, state: TrainState, batch: Batch, mesh: Mesh,

@@ -234,7 +234,14 @@ def load_tokenizer(path):
 
 # --- writing -------------------------------------------------------------------------------
 def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's parameters as HF-named host arrays (kernels transposed back)."""
+    """The model's parameters as HF-named host arrays (kernels transposed back).
+
+    LoRA adapters, if any, are merged into their base kernels first.
+    """
+    from .lora import has_lora, merge_lora
+
+    if isinstance(model, llama.CausalLM) and has_lora(model):
+        model = merge_lora(model)
     names = (llama.hf_parameter_names(model.config) if isinstance(model, llama.CausalLM)
              else bert.hf_parameter_names(model.config))
     out = {}

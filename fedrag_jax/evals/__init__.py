@@ -1,0 +1,63 @@
+"""Evaluation: answer / retrieval metrics, benchmark loaders, and the Benchmarker."""
+
+from .benchmarker import (
+    Benchmarker,
+    BenchmarkResult,
+    ExampleResult,
+    RunningMean,
+    default_prompt,
+)
+from .benchmarks import (
+    BENCHMARKS,
+    BenchmarkExample,
+    load_benchmark,
+    load_boolq,
+    load_hellaswag,
+    load_hotpotqa,
+    load_mmlu,
+    load_nq_open,
+    load_pubmedqa,
+    load_squad_v2,
+    load_trivia_qa,
+)
+from .metrics import (
+    answer_to_choice,
+    choice_letter,
+    exact_match,
+    mrr,
+    multiple_choice_accuracy,
+    normalize_answer,
+    query_recall_at_k,
+    recall_at_k,
+    reciprocal_rank,
+    token_f1,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkExample",
+    "BenchmarkResult",
+    "Benchmarker",
+    "ExampleResult",
+    "RunningMean",
+    "answer_to_choice",
+    "choice_letter",
+    "default_prompt",
+    "exact_match",
+    "load_benchmark",
+    "load_boolq",
+    "load_hellaswag",
+    "load_hotpotqa",
+    "load_mmlu",
+    "load_nq_open",
+    "load_pubmedqa",
+    "load_squad_v2",
+    "load_trivia_qa",
+    "mrr",
+    "multiple_choice_accuracy",
+    "normalize_answer",
+    "query_recall_at_k",
+    "recall_at_k",
+    "reciprocal_rank",
+    "token_f1",
+]

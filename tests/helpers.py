@@ -100,3 +100,41 @@ def tiny_tokenizer(vocab_size: int = 96):
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>")
+
+
+def tiny_rag_parts(tmp: Path, num_passages: int = 12, seed: int = 0):
+    """A tiny retriever, an exact store of word passages, and a tiny generator.
+
+    Every text is made of words w4..w95, so one WordLevel tokenizer serves both models.
+    """
+    import jax
+    from flax import nnx
+
+    from fedrag_jax.generator import Generator
+    from fedrag_jax.knowledge_store import ExactKnowledgeStore
+    from fedrag_jax.models.bert import BertConfig, Encoder
+    from fedrag_jax.models.llama import CausalLM
+    from fedrag_jax.retriever import DualEncoder
+    from fedrag_jax.sharding import make_mesh
+    from fedrag_jax.types import KnowledgeNode
+
+    rng = np.random.default_rng(seed)
+    tokenizer = tiny_tokenizer()
+    bert = BertConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    retriever = DualEncoder(Encoder(bert, rngs=nnx.Rngs(seed)), tokenizer, max_length=64,
+                            batch_size=8)
+    path, _ = tiny_hf_causal_lm(tmp, "llama", seed=seed, eos_token_id=2, pad_token_id=0,
+                                max_position_embeddings=512)
+    generator = Generator(CausalLM.from_pretrained(path), tokenizer, use_chat_template=False,
+                          length_buckets=(32, 64, 128))
+    texts = [" ".join(f"w{i}" for i in rng.integers(4, 96, size=int(rng.integers(5, 15))))
+             for _ in range(num_passages)]
+    store = ExactKnowledgeStore(mesh=make_mesh(None, jax.devices()[:1]))
+    emb = retriever.encode_context(texts, progress=False)
+    store.add([KnowledgeNode(f"p{i}", t, e) for i, (t, e) in enumerate(zip(texts, emb,
+                                                                          strict=True))])
+    records = [{"query": " ".join(f"w{i}" for i in rng.integers(4, 96, size=4)),
+                "response": " ".join(f"w{i}" for i in rng.integers(4, 96, size=3))}
+               for _ in range(6)]
+    return retriever, store, generator, records

@@ -1,0 +1,259 @@
+"""Where a batch is built: records {"query", "response"} -> fixed-shape arrays.
+
+LSR (retriever):  for each query, its top-k passages from the store (ids + frozen
+    embeddings), the retriever's query tokens, and log p_LM(response | prompt(query, d)) for
+    every passage d, scored by the frozen generator in large batched forwards.
+RALT (generator): one instance per (query, passage): prompt(query, passage) + response + EOS,
+    left-padded to a length bucket, with the positions that predict response + EOS (the only
+    labelled tokens). The passage is truncated to fit, never the response.
+
+Both datasets serve ``batch_at(epoch, index)``: a deterministic function of the data position
+(shuffled by a per-epoch seed), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..generator import DEFAULT_LENGTH_BUCKETS, Generator, bucket_length, left_pad
+from ..types import DEFAULT_PROMPT_TEMPLATE
+
+_SLOT = "\x00CONTEXT\x00"
+
+
+# --- records ---------------------------------------------------------------------------------
+def load_records(source: Any) -> list[dict]:
+    """Records from a list of dicts, an HF ``datasets.Dataset`` or a JSONL file."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"no such JSONL file: {path}")
+        records = []
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
+    else:
+        records = [dict(r) for r in source]
+    if not records:
+        raise DataError("no training records")
+    for i, r in enumerate(records):
+        for key in ("query", "response"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise DataError(f"record {i} needs a non-empty string {key!r}; got {r!r:.200}")
+    return records
+
+
+# --- prompts ---------------------------------------------------------------------------------
+@dataclass
+class PromptBuilder:
+    """Token ids of prompt(query, passage) with the passage cut to a budget.
+
+    The prompt is rendered once with a placeholder for the context (through the chat template
+    for instruct models), split there, and the three parts are tokenized separately, so the
+    passage can be truncated in tokens without touching the query or the response.
+    """
+
+    generator: Generator
+    template: str = DEFAULT_PROMPT_TEMPLATE
+
+    def parts(self, query: str) -> tuple[list[int], list[int]]:
+        rendered = self.generator.format_prompt(self.template.format(context=_SLOT, query=query))
+        left, right = rendered.split(_SLOT)
+        tok = self.generator.tokenizer
+        special = not self.generator.use_chat_template
+        left_ids = tok(left, add_special_tokens=special)["input_ids"]
+        right_ids = tok(right, add_special_tokens=False)["input_ids"]
+        return left_ids, right_ids
+
+    def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
+        return self.generator.tokenizer(list(passages), add_special_tokens=False)["input_ids"]
+
+    def target_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        """Response tokens + EOS (the labels of RALT, the target of LSR's LM score)."""
+        eos = int(self.generator.stop_ids[0])
+        # after "Answer:" a plain prompt continues with a space; a chat turn starts fresh
+        lead = "" if self.generator.use_chat_template else " "
+        ids = self.generator.tokenizer([lead + r.strip() for r in responses],
+                                       add_special_tokens=False)["input_ids"]
+        return [list(t) + [eos] for t in ids]
+
+
+def assemble(left: list[int], passage: list[int], right: list[int], target: list[int],
+             max_length: int) -> list[int]:
+    """prompt + target within ``max_length`` tokens, cutting the passage only."""
+    budget = max_length - len(left) - len(right) - len(target)
+    if budget < 0:
+        raise DataError(f"query + response take {len(left) + len(right) + len(target)} tokens, "
+                        f"more than max_length={max_length}; raise max_length")
+    return left + passage[:budget] + right
+
+
+def target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
+                  buckets: Sequence[int], pad_id: int, target_length: int | None = None):
+    """Left-padded prompt+target ids and the positions that predict each target token."""
+    rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+    length = bucket_length(max(len(r) for r in rows), buckets)
+    ids, mask = left_pad(rows, length, pad_id)
+    t_len = target_length or max(len(t) for t in targets)
+    n = len(rows)
+    target = np.zeros((n, t_len), np.int32)
+    index = np.zeros((n, t_len), np.int32)
+    tmask = np.zeros((n, t_len), bool)
+    for i, t in enumerate(targets):
+        t = t[:t_len]
+        target[i, :len(t)] = t
+        index[i, :len(t)] = np.arange(length - len(t) - 1, length - 1)
+        tmask[i, :len(t)] = True
+    return {"input_ids": ids, "attention_mask": mask, "target_index": index,
+            "target_ids": target, "target_mask": tmask}
+
+
+# --- datasets with a deterministic order -----------------------------------------------------
+class _Epochs:
+    """Shuffled, fixed-size batches over ``n`` examples; the last one padded with masks."""
+
+    n: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def indices(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+        valid = np.ones(self.batch_size, bool)
+        valid[len(chosen):] = False
+        padded = np.concatenate([chosen, np.repeat(chosen[:1], self.batch_size - len(chosen))])
+        return padded, valid
+
+
+class LSRDataset(_Epochs):
+    """Arrays for LSR: query tokens, top-k passage embeddings and the LM's log-likelihoods."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], passage_ids: np.ndarray, *,
+                 batch_size: int, seed: int = 0, shuffle: bool = True):
+        self.arrays = dict(arrays)
+        self.passage_ids = passage_ids
+        self.n = len(passage_ids)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+
+    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        rows, valid = self.indices(epoch, index)
+        batch = {k: v[rows] for k, v in self.arrays.items()}
+        batch["example_mask"] = valid
+        return batch
+
+
+def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Generator, *,
+                      top_k: int = 4, batch_size: int = 8, template: str = DEFAULT_PROMPT_TEMPLATE,
+                      max_length: int = 512, score_batch_size: int = 32,
+                      reduction: str = "sum", seed: int = 0, progress: bool = True,
+                      query_length_buckets: Sequence[int] = (16, 32, 64, 128)) -> LSRDataset:
+    """Retrieve top-k for every query, then score every (query, passage) pair with the LM."""
+    records = load_records(records)
+    queries = [r["query"] for r in records]
+    q_emb = retriever.encode_query(queries, progress=progress)
+    _, ids = store.search(q_emb, top_k)
+    flat_ids = [str(i) for i in ids.reshape(-1)]
+    nodes = {n.node_id: n for n in store.get(sorted(set(flat_ids)))}
+    emb = np.stack([np.asarray(nodes[i].embedding, np.float32) for i in flat_ids])
+    emb = emb.reshape(len(records), top_k, -1)
+
+    prompts = PromptBuilder(generator, template)
+    targets = prompts.target_ids([r["response"] for r in records])
+    pair_prompts, pair_targets = [], []
+    for r, row, target in zip(records, ids, targets, strict=True):
+        left, right = prompts.parts(r["query"])
+        passages = prompts.passage_ids([nodes[str(i)].text for i in row])
+        for passage in passages:
+            pair_prompts.append(assemble(left, passage, right, target, max_length))
+            pair_targets.append(target)
+    logprobs = np.zeros(len(pair_prompts), np.float64)
+    order = np.argsort([len(p) for p in pair_prompts])  # similar lengths share a bucket
+    bar = tqdm(total=len(order), desc="LM-scoring passages", unit="pair", disable=not progress)
+    for start in range(0, len(order), score_batch_size):
+        chunk = order[start:start + score_batch_size]
+        logprobs[chunk] = generator.score_ids([pair_prompts[i] for i in chunk],
+                                              [pair_targets[i] for i in chunk], reduction)
+        bar.update(len(chunk))
+    bar.close()
+
+    q_tokens = retriever.tokenize(queries)
+    q_len = bucket_length(max(len(t) for t in q_tokens), query_length_buckets)
+    q_ids = np.full((len(records), q_len), retriever.tokenizer.pad_token_id or 0, np.int32)
+    q_mask = np.zeros((len(records), q_len), bool)
+    for i, t in enumerate(q_tokens):
+        t = t[:q_len]
+        q_ids[i, :len(t)] = t
+        q_mask[i, :len(t)] = True
+    arrays = {"query_ids": q_ids, "query_mask": q_mask, "passage_emb": emb,
+              "lm_logprobs": logprobs.reshape(len(records), top_k).astype(np.float32)}
+    return LSRDataset(arrays, ids, batch_size=batch_size, seed=seed)
+
+
+class RALTDataset(_Epochs):
+    """(query, passage) instances for RALT; a batch holds ``batch_size`` queries x k passages."""
+
+    def __init__(self, prompts: list[list[list[int]]], targets: list[list[int]],
+                 weights: np.ndarray, *, batch_size: int, pad_id: int,
+                 buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS, seed: int = 0,
+                 shuffle: bool = True):
+        self.prompts, self.targets, self.weights = prompts, targets, weights
+        self.pad_id, self.buckets = pad_id, tuple(buckets)
+        self.target_length = max(len(t) for t in targets)  # fixed: one shape per bucket
+        self.n = len(prompts)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+
+    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        rows, valid = self.indices(epoch, index)
+        prompts = [p for i in rows for p in self.prompts[i]]
+        targets = [self.targets[i] for i in rows for _ in self.prompts[i]]
+        batch = target_arrays(prompts, targets, self.buckets, self.pad_id, self.target_length)
+        weights = self.weights[rows] * valid[:, None]  # padding examples weigh nothing
+        batch["weights"] = weights.reshape(-1).astype(np.float32)
+        return batch
+
+
+def build_ralt_dataset(records: Iterable[dict], retriever, store, generator: Generator, *,
+                       top_k: int = 4, batch_size: int = 2,
+                       template: str = DEFAULT_PROMPT_TEMPLATE, max_length: int = 512,
+                       weighting: str = "uniform", tau_retrieval: float = 1.0, seed: int = 0,
+                       buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+                       progress: bool = True) -> RALTDataset:
+    """weighting: "uniform" (each instance 1) or "retrieval" (P_R(d | x) of the passage)."""
+    records = load_records(records)
+    q_emb = retriever.encode_query([r["query"] for r in records], progress=progress)
+    scores, ids = store.search(q_emb, top_k)
+    nodes = {n.node_id: n for n in store.get(sorted({str(i) for i in ids.reshape(-1)}))}
+    builder = PromptBuilder(generator, template)
+    targets = builder.target_ids([r["response"] for r in records])
+    prompts = []
+    for r, row, target in zip(records, ids, targets, strict=True):
+        left, right = builder.parts(r["query"])
+        passages = builder.passage_ids([nodes[str(i)].text for i in row])
+        prompts.append([assemble(left, p, right, target, max_length) for p in passages])
+    if weighting == "retrieval":
+        z = scores / tau_retrieval
+        z = np.exp(z - z.max(-1, keepdims=True))
+        weights = (z / z.sum(-1, keepdims=True)) * top_k  # mean weight 1 per instance
+    elif weighting == "uniform":
+        weights = np.ones(ids.shape, np.float32)
+    else:
+        raise DataError(f"weighting must be 'uniform' or 'retrieval', got {weighting!r}")
+    return RALTDataset(prompts, targets, weights.astype(np.float32), batch_size=batch_size,
+                       pad_id=generator.pad_id, buckets=buckets, seed=seed)

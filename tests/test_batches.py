@@ -1,0 +1,99 @@
+"""Batch builders: shapes, labels on response + EOS only, truncation, deterministic order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedrag_jax.errors import DataError
+from fedrag_jax.finetune.batches import (
+    PromptBuilder,
+    assemble,
+    build_lsr_dataset,
+    build_ralt_dataset,
+    load_records,
+)
+from tests.helpers import tiny_rag_parts
+
+TEMPLATE = "w4 {context} w5 {query} w6"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return tiny_rag_parts(tmp_path_factory.mktemp("rag"))
+
+
+def test_load_records_from_list_jsonl_and_dataset(tmp_path):
+    rows = [{"query": "q1", "response": "r1"}, {"query": "q2", "response": "r2"}]
+    f = tmp_path / "train.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_records(f) == rows == load_records(rows)
+    import datasets
+
+    assert load_records(datasets.Dataset.from_list(rows)) == rows
+    with pytest.raises(DataError, match="response"):
+        load_records([{"query": "q"}])
+    with pytest.raises(DataError, match="no training records"):
+        load_records([])
+    f.write_text('{"query": "q"\n')
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_records(f)
+
+
+def test_ralt_labels_are_exactly_response_and_eos(parts):
+    retriever, store, generator, records = parts
+    data = build_ralt_dataset(records, retriever, store, generator, top_k=3, batch_size=2,
+                              template=TEMPLATE, progress=False)
+    batch = data.batch_at(0, 0)
+    n = 2 * 3
+    assert batch["input_ids"].shape[0] == n and batch["weights"].shape == (n,)
+    order = np.random.default_rng([0, 0]).permutation(len(records))[:2]
+    tok = generator.tokenizer
+    for row in range(n):
+        record = records[order[row // 3]]
+        m = batch["target_mask"][row]
+        labels = batch["target_ids"][row][m]
+        expected = tok(" " + record["response"], add_special_tokens=False)["input_ids"] + [2]
+        assert labels.tolist() == expected
+        # the label at target_index + 1 is the next token of the sequence
+        idx = batch["target_index"][row][m]
+        assert batch["input_ids"][row][idx + 1].tolist() == expected
+        # nothing before the response is labelled: the prompt ends right where labels start
+        prompt = batch["input_ids"][row][batch["attention_mask"][row]][: -len(expected)]
+        assert tok.decode(prompt).split()[-1] == "w6"
+
+
+def test_passage_is_truncated_never_the_response(parts):
+    retriever, store, generator, records = parts
+    builder = PromptBuilder(generator, TEMPLATE)
+    left, right = builder.parts("w7 w8")
+    passage = list(range(10, 60))
+    target = builder.target_ids(["w9 w10 w11"])[0]
+    ids = assemble(left, passage, right, target, max_length=len(left) + len(right) + 20)
+    assert ids[:len(left)] == left and ids[-len(right):] == right
+    kept = len(ids) - len(left) - len(right)
+    assert kept == 20 - len(target) and ids[len(left):len(left) + kept] == passage[:kept]
+    with pytest.raises(DataError, match="max_length"):
+        assemble(left, passage, right, target, max_length=len(left) + 2)
+
+
+def test_lsr_dataset_scores_every_pair_with_the_generator(parts):
+    retriever, store, generator, records = parts
+    data = build_lsr_dataset(records, retriever, store, generator, top_k=3, batch_size=4,
+                             template=TEMPLATE, progress=False)
+    assert len(data) == 2
+    b = data.batch_at(1, 1)  # the second batch of 6 examples is padded to 4 with a mask
+    assert b["example_mask"].tolist() == [True, True, False, False]
+    assert b["passage_emb"].shape == (4, 3, 32) and b["lm_logprobs"].shape == (4, 3)
+    np.testing.assert_array_equal(b["query_ids"], data.batch_at(1, 1)["query_ids"])
+    assert not np.array_equal(data.batch_at(0, 0)["query_ids"], data.batch_at(1, 0)["query_ids"])
+    # the store's embeddings and the LM's score of prompt(query, passage) for record 0
+    node_ids = data.passage_ids[0]
+    nodes = store.get([str(i) for i in node_ids])
+    np.testing.assert_array_equal(data.arrays["passage_emb"][0],
+                                  np.stack([n.embedding for n in nodes]))
+    prompts = [TEMPLATE.format(context=n.text, query=records[0]["query"]) for n in nodes]
+    expected = generator.score(prompts, [" " + records[0]["response"] + " <eos>"] * 3)
+    np.testing.assert_allclose(data.arrays["lm_logprobs"][0], expected, atol=1e-4)

@@ -52,6 +52,56 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundled_or(path: str | None, which: str) -> str:
+    from . import assets
+
+    if path in (None, "bundled"):
+        return str(assets.retriever_path() if which == "retriever" else assets.generator_path())
+    return path
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    """Encode a corpus with the retriever and persist a knowledge store (ScaNN or exact)."""
+    from .indexing import build_index, load_corpus
+    from .retriever import DualEncoder
+
+    retriever_path = _bundled_or(args.retriever, "retriever")
+    start = time.perf_counter()
+    corpus = load_corpus(args.corpus, limit=args.limit)
+    retriever = DualEncoder.from_pretrained(retriever_path, max_length=args.max_length)
+    store = build_index(corpus, retriever, args.out, retriever_path=retriever_path,
+                        generator_path=_bundled_or(args.generator, "generator"),
+                        backend=args.backend)
+    print(f"indexed {store.count} passages ({type(store).__name__}) into {args.out} "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer a question with retrieve-then-generate over a built index."""
+    from .rag import RAGSystem
+    from .types import RAGConfig
+
+    index = Path(args.index)
+    info_file = index / "index.json"
+    if not info_file.is_file():
+        from .errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"{index} is not an index folder (no index.json); build "
+                                      "one with `fedrag-jax index build`")
+    info = json.loads(info_file.read_text())
+    system = RAGSystem.from_parts(retriever=args.retriever or info["retriever"],
+                                  generator=args.generator or info["generator"],
+                                  store=index / "store", config=RAGConfig(top_k=args.top_k),
+                                  max_new_tokens=args.max_new_tokens, max_context_tokens=200)
+    response = system.query(args.question)
+    print(response.answer)
+    print("\nsources:")
+    for i, s in enumerate(response.source_nodes, 1):
+        print(f"  [{i}] ({s.score:.3f}) {s.text[:100]}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -78,6 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="split the safetensors past this size (default 2 GB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("index", help="build a knowledge store from a corpus")
+    index_sub = p.add_subparsers(dest="index_command", required=True)
+    p = index_sub.add_parser("build", description=cmd_index_build.__doc__,
+                             help="encode a corpus and persist its store")
+    p.add_argument("--corpus", default="bundled",
+                   help="'bundled' (Wikipedia summaries) or a JSONL file of {id, title, text}")
+    p.add_argument("--out", required=True, help="index folder to write (atomically)")
+    p.add_argument("--retriever", default="bundled", help="retriever folder (default: MiniLM)")
+    p.add_argument("--generator", default="bundled",
+                   help="generator that `ask` should use with this index (default: SmolLM2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "scann", "exact"])
+    p.add_argument("--limit", type=int, default=None, help="index only the first N passages")
+    p.add_argument("--max-length", type=int, default=256, help="passage tokens kept")
+    p.set_defaults(func=cmd_index_build)
+
+    p = sub.add_parser("ask", help="answer a question over an index",
+                       description=cmd_ask.__doc__)
+    p.add_argument("question")
+    p.add_argument("--index", required=True, help="folder written by `index build`")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--retriever", default=None, help="override the index's retriever")
+    p.add_argument("--generator", default=None, help="override the index's generator")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="retrieve-then-generate on the bundled models and corpus",
                        description="Encode bundled Wikipedia summaries with MiniLM, retrieve "

@@ -62,3 +62,17 @@ def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "fedrag_jax.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "convert" in out and "demo" in out
+
+
+@pytest.mark.slow
+def test_index_build_then_ask(tmp_path, capsys):
+    out = tmp_path / "index"
+    assert main(["index", "build", "--corpus", "bundled", "--limit", "300", "--out", str(out),
+                 "--max-length", "128"]) == 0
+    assert (out / "store" / "manifest.json").is_file() and (out / "index.json").is_file()
+    capsys.readouterr()
+    assert main(["ask", "--index", str(out), "--top-k", "2", "--max-new-tokens", "16",
+                 "What is the capital of France?"]) == 0
+    printed = capsys.readouterr().out
+    assert "sources:" in printed and "[1]" in printed and "[2]" in printed
+    assert main(["ask", "--index", str(tmp_path), "question"]) == 2

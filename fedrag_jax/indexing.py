@@ -1,0 +1,98 @@
+"""Build a knowledge store from a corpus: encode every passage, add, persist.
+
+A corpus is ``"bundled"`` (the Wikipedia summaries), a JSONL file of
+``{"id"?, "title"?, "text"}`` records, or a list of such dicts. The index folder holds the
+persisted store and ``index.json`` naming the retriever and generator it was built for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import assets
+from .errors import DataError
+from .knowledge_store import KnowledgeStore, default_store
+from .retriever import DualEncoder
+from .types import KnowledgeNode
+
+
+def passage_text(entry: dict) -> str:
+    title = entry.get("title")
+    return f"{title}: {entry['text']}" if title else entry["text"]
+
+
+def load_corpus(source: str | os.PathLike | Sequence[dict] = "bundled",
+                limit: int | None = None) -> list[dict]:
+    """Records {id, title, text, metadata}; the bundled corpus keeps its topic as metadata."""
+    if isinstance(source, str) and source == "bundled":
+        rows = [{"id": f"wiki-{i}", "title": e["title"], "text": e.get("extract", ""),
+                 "metadata": {"topic": e.get("topic", ""),
+                              "description": e.get("description", "")}}
+                for i, e in enumerate(assets.load_corpus())]
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"corpus file {path} does not exist; pass 'bundled' or a JSONL file")
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(r.get("text"), str):
+                raise DataError(f"{path}:{n}: every record needs a string 'text'")
+            rows.append({"id": str(r.get("id", f"doc-{n}")), "title": r.get("title"),
+                         "text": r["text"], "metadata": r.get("metadata", {})})
+    else:
+        rows = [dict(r) for r in source]
+        for i, r in enumerate(rows):
+            r.setdefault("id", f"doc-{i}")
+    rows = [r for r in rows if r["text"].strip()]
+    if not rows:
+        raise DataError("the corpus has no non-empty passages")
+    return rows[:limit] if limit else rows
+
+
+def model_fingerprint(retriever: DualEncoder) -> str:
+    """A short hash of the retriever's weights: a store is only valid for the model it used."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    h = hashlib.sha256()
+    encoder = retriever.context_encoder or retriever.query_encoder
+    for leaf in jax.tree.leaves(nnx.state(encoder, nnx.Param)):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_store(corpus: Sequence[dict], retriever: DualEncoder, *, backend: str = "auto",
+                progress: bool = True, **store_kwargs: Any) -> KnowledgeStore:
+    embeddings = retriever.encode_context([passage_text(r) for r in corpus], progress=progress)
+    store = default_store(embeddings.shape[1], "dot", backend=backend,
+                          embedding_model=retriever.name,
+                          embedding_model_hash=model_fingerprint(retriever), **store_kwargs)
+    store.add([KnowledgeNode(r["id"], passage_text(r), e, dict(r.get("metadata") or {}))
+               for r, e in zip(corpus, embeddings, strict=True)])
+    return store
+
+
+def build_index(corpus: Sequence[dict], retriever: DualEncoder, out_dir: str | os.PathLike, *,
+                retriever_path: str, generator_path: str, backend: str = "auto",
+                progress: bool = True) -> KnowledgeStore:
+    from .atomic import atomic_directory
+
+    store = build_store(corpus, retriever, backend=backend, progress=progress)
+    with atomic_directory(out_dir) as tmp:
+        store.persist(tmp / "store")
+        (tmp / "index.json").write_text(json.dumps(
+            {"retriever": str(retriever_path), "generator": str(generator_path),
+             "passages": store.count, "store_type": type(store).__name__}, indent=2))
+    return store

@@ -1,0 +1,121 @@
+"""RAGSystem: retrieve the top-k passages for a query, then generate an answer from them.
+
+A saved system is one folder::
+
+    rag_config.json      top_k, prompt template, separator, retriever settings
+    retriever/           HF folder of the query tower (sentence-transformers files included)
+    context_retriever/   the context tower, only when the towers have separate weights
+    generator/           HF folder of the generator (LoRA adapters merged), tokenizer included
+    store/               the persisted knowledge store (manifest, nodes, embeddings, index)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .atomic import atomic_directory
+from .errors import CheckpointNotFoundError
+from .generator import Generator
+from .knowledge_store import KnowledgeStore, load_store
+from .retriever import DualEncoder
+from .types import RAGConfig, RAGResponse, SourceNode
+
+
+class RAGSystem:
+    def __init__(self, retriever: DualEncoder, store: KnowledgeStore, generator: Generator,
+                 config: RAGConfig | None = None, *, max_new_tokens: int = 64,
+                 max_context_tokens: int | None = None):
+        self.retriever = retriever
+        self.store = store
+        self.generator = generator
+        self.config = config or RAGConfig()
+        self.max_new_tokens = max_new_tokens
+        self.max_context_tokens = max_context_tokens  # per passage, None = whole passage
+
+    # --- retrieval ---------------------------------------------------------------------------
+    def batch_retrieve(self, queries: Sequence[str], top_k: int | None = None,
+                       ) -> list[list[SourceNode]]:
+        k = top_k or self.config.top_k
+        scores, ids = self.store.search(self.retriever.encode_query(list(queries)), k)
+        nodes = {n.node_id: n for n in self.store.get(sorted({str(i) for i in ids.ravel()}))}
+        return [[SourceNode(nodes[str(i)], float(s)) for s, i in zip(srow, irow, strict=True)]
+                for srow, irow in zip(scores, ids, strict=True)]
+
+    def retrieve(self, query: str, top_k: int | None = None) -> list[SourceNode]:
+        return self.batch_retrieve([query], top_k)[0]
+
+    # --- generation --------------------------------------------------------------------------
+    def _context(self, text: str) -> str:
+        if self.max_context_tokens is None:
+            return text
+        tok = self.generator.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"][: self.max_context_tokens]
+        return tok.decode(ids)
+
+    def build_prompt(self, query: str, sources: Sequence[SourceNode]) -> str:
+        return self.config.format_prompt(query, [self._context(s.text) for s in sources])
+
+    def batch_query(self, queries: Sequence[str], **generate_kwargs) -> list[RAGResponse]:
+        sources = self.batch_retrieve(queries)
+        prompts = [self.build_prompt(q, s) for q, s in zip(queries, sources, strict=True)]
+        generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
+        answers = self.generator.generate(prompts, **generate_kwargs)
+        return [RAGResponse(a, s) for a, s in zip(answers, sources, strict=True)]
+
+    def query(self, query: str, **generate_kwargs) -> RAGResponse:
+        return self.batch_query([query], **generate_kwargs)[0]
+
+    # --- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """Write the whole system atomically; the store is persisted as it is."""
+        r = self.retriever
+        with atomic_directory(out_dir) as tmp:
+            r.query_encoder.save_pretrained(tmp / "retriever", tokenizer=r.tokenizer)
+            if r.context_encoder is not None:
+                r.context_encoder.save_pretrained(tmp / "context_retriever",
+                                                  tokenizer=r.tokenizer)
+            self.generator.model.save_pretrained(tmp / "generator",
+                                                 tokenizer=self.generator.tokenizer)
+            self.store.persist(tmp / "store")
+            settings = {"rag": asdict(self.config), "max_new_tokens": self.max_new_tokens,
+                        "max_context_tokens": self.max_context_tokens,
+                        "retriever": {"max_length": r.max_length, "query_prefix": r.query_prefix,
+                                      "context_prefix": r.context_prefix},
+                        "use_chat_template": self.generator.use_chat_template}
+            (tmp / "rag_config.json").write_text(json.dumps(settings, indent=2))
+        return Path(out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
+                        mesh=None) -> RAGSystem:
+        path = Path(path)
+        cfg_file = path / "rag_config.json"
+        if not cfg_file.is_file():
+            raise CheckpointNotFoundError(f"{path} is not a saved RAGSystem (no rag_config.json)")
+        settings = json.loads(cfg_file.read_text())
+        context = path / "context_retriever"
+        retriever = DualEncoder.from_pretrained(
+            path / "retriever", context if context.is_dir() else None, dtype=dtype, mesh=mesh,
+            **settings["retriever"])
+        generator = Generator.from_pretrained(path / "generator", dtype=dtype, mesh=mesh,
+                                              use_chat_template=settings["use_chat_template"])
+        return cls(retriever, load_store(path / "store"), generator,
+                   RAGConfig(**settings["rag"]), max_new_tokens=settings["max_new_tokens"],
+                   max_context_tokens=settings["max_context_tokens"])
+
+    @classmethod
+    def from_parts(cls, *, retriever: str | os.PathLike, generator: str | os.PathLike,
+                   store: str | os.PathLike, config: RAGConfig | None = None,
+                   context_retriever: str | os.PathLike | None = None, dtype: str | None = None,
+                   mesh=None, **kwargs) -> RAGSystem:
+        """Build from a retriever folder, a generator folder or GGUF, and a saved store."""
+        return cls(DualEncoder.from_pretrained(retriever, context_retriever, dtype=dtype,
+                                               mesh=mesh),
+                   load_store(store),
+                   Generator.from_pretrained(generator, dtype=dtype, mesh=mesh),
+                   config, **kwargs)
+

@@ -67,6 +67,7 @@ class PromptBuilder:
 
     generator: Generator
     template: str = DEFAULT_PROMPT_TEMPLATE
+    max_passage_tokens: int | None = None  # as RAGSystem(max_context_tokens=...) at inference
 
     def parts(self, query: str) -> tuple[list[int], list[int]]:
         rendered = self.generator.format_prompt(self.template.format(context=_SLOT, query=query))
@@ -78,7 +79,8 @@ class PromptBuilder:
         return left_ids, right_ids
 
     def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
-        return self.generator.tokenizer(list(passages), add_special_tokens=False)["input_ids"]
+        ids = self.generator.tokenizer(list(passages), add_special_tokens=False)["input_ids"]
+        return [p[: self.max_passage_tokens] for p in ids] if self.max_passage_tokens else ids
 
     def target_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """Response tokens + EOS (the labels of RALT, the target of LSR's LM score)."""
@@ -161,7 +163,8 @@ class LSRDataset(_Epochs):
 
 def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Generator, *,
                       top_k: int = 4, batch_size: int = 8, template: str = DEFAULT_PROMPT_TEMPLATE,
-                      max_length: int = 512, score_batch_size: int = 32,
+                      max_length: int = 512, max_passage_tokens: int | None = None,
+                      score_batch_size: int = 32,
                       reduction: str = "sum", seed: int = 0, progress: bool = True,
                       query_length_buckets: Sequence[int] = (16, 32, 64, 128)) -> LSRDataset:
     """Retrieve top-k for every query, then score every (query, passage) pair with the LM."""
@@ -174,7 +177,7 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
     emb = np.stack([np.asarray(nodes[i].embedding, np.float32) for i in flat_ids])
     emb = emb.reshape(len(records), top_k, -1)
 
-    prompts = PromptBuilder(generator, template)
+    prompts = PromptBuilder(generator, template, max_passage_tokens)
     targets = prompts.target_ids([r["response"] for r in records])
     pair_prompts, pair_targets = [], []
     for r, row, target in zip(records, ids, targets, strict=True):
@@ -232,7 +235,8 @@ class RALTDataset(_Epochs):
 def build_ralt_dataset(records: Iterable[dict], retriever, store, generator: Generator, *,
                        top_k: int = 4, batch_size: int = 2,
                        template: str = DEFAULT_PROMPT_TEMPLATE, max_length: int = 512,
-                       weighting: str = "uniform", tau_retrieval: float = 1.0, seed: int = 0,
+                       max_passage_tokens: int | None = None, weighting: str = "uniform",
+                       tau_retrieval: float = 1.0, seed: int = 0,
                        buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
                        progress: bool = True) -> RALTDataset:
     """weighting: "uniform" (each instance 1) or "retrieval" (P_R(d | x) of the passage)."""
@@ -240,7 +244,7 @@ def build_ralt_dataset(records: Iterable[dict], retriever, store, generator: Gen
     q_emb = retriever.encode_query([r["query"] for r in records], progress=progress)
     scores, ids = store.search(q_emb, top_k)
     nodes = {n.node_id: n for n in store.get(sorted({str(i) for i in ids.reshape(-1)}))}
-    builder = PromptBuilder(generator, template)
+    builder = PromptBuilder(generator, template, max_passage_tokens)
     targets = builder.target_ids([r["response"] for r in records])
     prompts = []
     for r, row, target in zip(records, ids, targets, strict=True):

@@ -1,0 +1,234 @@
+"""Configs as data: dataclasses, loaded from YAML, overridden with ``key=value`` pairs.
+
+Every setting lives in one of the dataclasses below (the single reference of what can be
+set; docs/config.md mirrors it). Unknown keys and values of the wrong type are rejected with
+the key's dotted name.
+
+    config = load_config("configs/lsr.yaml", ["lsr.steps=100", "mesh.data=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .types import DEFAULT_PROMPT_TEMPLATE
+
+
+@dataclass
+class ModelConfig:
+    retriever: str = "bundled"  # HF/sentence-transformers folder; "bundled" = MiniLM-L6
+    context_retriever: str | None = None  # a separate context tower (e.g. DRAGON+)
+    generator: str = "bundled"  # HF folder or .gguf; "bundled" = SmolLM2-135M-Instruct
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # master weights and optimizer state
+    retriever_max_length: int = 128
+    use_chat_template: bool | None = None  # None: when the tokenizer has one
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "bundled"  # "bundled" Wikipedia summaries or a JSONL of {id, title, text}
+    corpus_limit: int | None = None  # index only the first N passages
+    index: str | None = None  # a folder from `fedrag-jax index build` (skips encoding)
+    train: str = "bundled"  # "bundled": QA pairs made from the corpus; or a JSONL file
+    eval: str | None = "bundled"
+    num_train: int = 256
+    num_eval: int = 64
+    topics: list[str] | None = None  # restrict bundled QA pairs to these corpus topics
+
+
+@dataclass
+class RetrievalConfig:
+    top_k: int = 4
+    backend: str = "auto"  # auto | scann | exact
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    max_context_tokens: int = 160  # per passage in prompts
+    max_new_tokens: int = 32
+
+
+@dataclass
+class LSRConfig:
+    steps: int = 40
+    batch_size: int = 8
+    micro_batches: int = 1
+    learning_rate: float = 2e-5
+    warmup_steps: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    tau_retrieval: float = 0.05  # MiniLM cosine scores live in [-1, 1]: sharpen them
+    tau_lm: float = 1.0
+    lm_reduction: Literal["sum", "mean"] = "mean"
+    max_length: int = 384  # prompt + answer tokens when the generator scores a passage
+    score_batch_size: int = 16
+    train_context: bool = False  # also train the context tower (then re-index)
+
+
+@dataclass
+class RALTConfig:
+    steps: int = 40
+    batch_size: int = 2  # queries per step; each brings top_k instances
+    micro_batches: int = 1
+    learning_rate: float = 3e-4
+    warmup_steps: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_rank: int = 16  # 0 = train every weight
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    max_length: int = 384
+    weighting: Literal["uniform", "retrieval"] = "uniform"
+    top_k: int | None = None  # passages per query in training (default: retrieval.top_k)
+
+
+@dataclass
+class MeshSettings:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class FederatedConfig:
+    num_clients: int = 3
+    rounds: int = 2
+    local_steps: int = 10
+    partition: Literal["iid", "topic", "dirichlet"] = "topic"
+    dirichlet_alpha: float = 0.5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    engine: Literal["spmd", "flower"] = "spmd"
+
+
+@dataclass
+class Config:
+    mode: Literal["retriever", "generator", "both"] = "both"
+    federated: bool = False
+    output_dir: str = "runs/default"
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    lsr: LSRConfig = field(default_factory=LSRConfig)
+    ralt: RALTConfig = field(default_factory=RALTConfig)
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    fed: FederatedConfig = field(default_factory=FederatedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- validation ----------------------------------------------------------------------------
+def _check(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` converted to ``annotation`` if it is of that type, else ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; known keys "
+                          f"{'under ' + prefix if prefix else 'at the top'}: {sorted(names)}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. lsr.steps=10)")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """A :class:`Config` from a YAML file (optional) and ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    return _build(Config, _merge(data, parse_overrides(overrides)))

@@ -102,6 +102,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Centralized fine-tuning (LSR, RALT or both) from a YAML config plus key=value overrides."""
+    from .config import load_config
+    from .finetune.manager import FinetuneManager
+
+    config = load_config(args.config, args.overrides)
+    manager = FinetuneManager.from_config(config)
+    results = manager.train()
+    print(json.dumps(results, indent=2))
+    print(f"run written to {config.output_dir}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -153,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", default=None, help="override the index's retriever")
     p.add_argument("--generator", default=None, help="override the index's generator")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("train", help="fine-tune centrally (LSR / RALT) from a config",
+                       description=cmd_train.__doc__)
+    p.add_argument("--config", default=None, help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. lsr.steps=10 mesh.data=2")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="retrieve-then-generate on the bundled models and corpus",
                        description="Encode bundled Wikipedia summaries with MiniLM, retrieve "

@@ -25,7 +25,7 @@ from ..evals.benchmarks import BenchmarkExample
 from ..generator import Generator
 from ..indexing import build_store, load_corpus
 from ..knowledge_store import load_store
-from ..models.lora import apply_lora, merge_lora
+from ..models.lora import apply_lora, has_lora, merge_lora
 from ..qa_data import make_qa_pairs
 from ..rag import RAGSystem
 from ..retriever import DualEncoder
@@ -133,25 +133,47 @@ class FinetuneManager:
                                                                          strict=True)]))
 
     # --- LSR -------------------------------------------------------------------------------
-    def train_retriever(self) -> TrainState:
+    def lsr_dataset(self, records: list[dict]):
         c, lsr, rag = self.config, self.config.lsr, self.rag
-        retriever = rag.retriever
-        data = build_lsr_dataset(
-            self.train_records, retriever, rag.store, rag.generator, top_k=rag.config.top_k,
+        return build_lsr_dataset(
+            records, rag.retriever, rag.store, rag.generator, top_k=rag.config.top_k,
             batch_size=lsr.batch_size, template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
             score_batch_size=lsr.score_batch_size, reduction=lsr.lm_reduction, seed=c.seed,
             progress=c.progress)
-        # RA-DIT trains the query tower only: untie a shared tower so that the store's
-        # passage embeddings stay valid.
+
+    def lsr_model(self) -> tuple[Towers, Any, OptimizerConfig]:
+        """The towers to train, the trainable filter and the optimizer settings.
+
+        RA-DIT trains the query tower only: a shared tower is untied (copied) so that the
+        store's passage embeddings, made by the context tower, stay valid.
+        """
+        lsr, retriever = self.config.lsr, self.rag.retriever
         context = retriever.context_encoder or retriever.query_encoder
         towers = Towers(nnx.clone(retriever.query_encoder), context)
         trainable = nnx.Param if lsr.train_context else QUERY_TOWER
-        tx = make_optimizer(OptimizerConfig(
+        return towers, trainable, OptimizerConfig(
             learning_rate=lsr.learning_rate, warmup_steps=lsr.warmup_steps,
             total_steps=lsr.steps, weight_decay=lsr.weight_decay,
-            max_grad_norm=lsr.max_grad_norm))
-        state = place_state(TrainState.create(towers, tx, trainable, seed=c.seed), self.mesh)
+            max_grad_norm=lsr.max_grad_norm)
+
+    def install_retriever(self, towers: Towers) -> None:
+        c, rag = self.config, self.rag
+        rag.retriever.query_encoder = towers.query_tower
+        rag.retriever.context_encoder = towers.context_tower
+        if c.lsr.train_context:  # the store's embeddings came from the old context tower
+            ids = rag.store.node_ids()
+            corpus = [{"id": i, "text": n.text, "metadata": n.metadata}
+                      for i, n in zip(ids, rag.store.get(ids), strict=True)]
+            rag.store = build_store(corpus, rag.retriever, backend=c.retrieval.backend,
+                                    progress=c.progress)
+
+    def train_retriever(self) -> TrainState:
+        c, lsr, retriever = self.config, self.config.lsr, self.rag.retriever
+        data = self.lsr_dataset(self.train_records)
+        towers, trainable, opt = self.lsr_model()
+        state = place_state(TrainState.create(towers, make_optimizer(opt), trainable,
+                                              seed=c.seed), self.mesh)
         step = compile_step(lsr_step, state, data.batch_at(0, 0), self.mesh,
                             tau_retrieval=lsr.tau_retrieval, tau_lm=lsr.tau_lm,
                             micro_batches=lsr.micro_batches)
@@ -166,44 +188,87 @@ class FinetuneManager:
         trainer = Trainer(state, step, data, self._trainer_config("lsr", lsr.steps),
                           eval_fn=eval_fn if dev else None, mesh=self.mesh)
         state = trainer.train()
-        trained = state.model()
-        retriever.query_encoder = trained.query_tower
-        retriever.context_encoder = trained.context_tower
-        if lsr.train_context:  # the store's embeddings came from the old context tower
-            corpus = [{"id": i, "text": n.text, "metadata": n.metadata}
-                      for i, n in zip(rag.store.node_ids(), rag.store.get(rag.store.node_ids()),
-                                      strict=True)]
-            rag.store = build_store(corpus, retriever, backend=c.retrieval.backend,
-                                    progress=c.progress)
+        self.install_retriever(state.model())
         return state
 
     # --- RALT ------------------------------------------------------------------------------
-    def train_generator(self) -> TrainState:
+    def ralt_dataset(self, records: list[dict]):
         c, ralt, rag = self.config, self.config.ralt, self.rag
-        data = build_ralt_dataset(
-            self.train_records, rag.retriever, rag.store, rag.generator,
+        return build_ralt_dataset(
+            records, rag.retriever, rag.store, rag.generator,
             top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
             template=rag.config.prompt_template, max_length=ralt.max_length,
             max_passage_tokens=rag.max_context_tokens, weighting=ralt.weighting, seed=c.seed,
             progress=c.progress)
-        model = nnx.clone(rag.generator.model)
+
+    def ralt_model(self) -> tuple[nnx.Module, Any, OptimizerConfig]:
+        """The generator to train (with LoRA adapters unless lora_rank=0), filter, optimizer."""
+        ralt = self.config.ralt
+        model = nnx.clone(self.rag.generator.model)
         if ralt.lora_rank > 0:
             model = apply_lora(model, rank=ralt.lora_rank, alpha=ralt.lora_alpha,
-                               target_modules=tuple(ralt.lora_targets), seed=c.seed)
+                               target_modules=tuple(ralt.lora_targets), seed=self.config.seed)
         trainable = nnx.LoRAParam if ralt.lora_rank > 0 else nnx.Param
-        tx = make_optimizer(OptimizerConfig(
+        return model, trainable, OptimizerConfig(
             learning_rate=ralt.learning_rate, warmup_steps=ralt.warmup_steps,
             total_steps=ralt.steps, weight_decay=ralt.weight_decay,
-            max_grad_norm=ralt.max_grad_norm))
-        state = place_state(TrainState.create(model, tx, trainable, seed=c.seed), self.mesh)
+            max_grad_norm=ralt.max_grad_norm)
+
+    def install_generator(self, model: nnx.Module) -> None:
+        self.rag.generator.model = merge_lora(model) if has_lora(model) else model
+
+    def train_generator(self) -> TrainState:
+        c, ralt = self.config, self.config.ralt
+        data = self.ralt_dataset(self.train_records)
+        model, trainable, opt = self.ralt_model()
+        state = place_state(TrainState.create(model, make_optimizer(opt), trainable,
+                                              seed=c.seed), self.mesh)
         step = compile_step(ralt_step, state, data.batch_at(0, 0), self.mesh,
                             micro_batches=ralt.micro_batches)
         trainer = Trainer(state, step, data, self._trainer_config("ralt", ralt.steps),
                           mesh=self.mesh)
         state = trainer.train()
-        adapted = state.model()
-        rag.generator.model = merge_lora(adapted) if ralt.lora_rank > 0 else adapted
+        self.install_generator(state.model())
         return state
+
+    # --- federated ---------------------------------------------------------------------------
+    def get_federated_task(self, method: str = "lsr"):
+        """The same model, trainable subset and objective as centralized training, with the
+        training records partitioned among ``fed.num_clients`` clients."""
+        from ..federated.partition import partition_from_config, subset
+        from ..federated.task import FederatedTask
+
+        c = self.config
+        parts = partition_from_config(self.train_records, c.fed, seed=c.seed)
+        if method == "lsr":
+            data = self.lsr_dataset(self.train_records)  # LM-score once, then split
+            towers, trainable, opt = self.lsr_model()
+            return FederatedTask.lsr(towers, trainable, opt, [subset(data, p) for p in parts],
+                                     c.fed, tau_retrieval=c.lsr.tau_retrieval,
+                                     tau_lm=c.lsr.tau_lm, seed=c.seed)
+        data = self.ralt_dataset(self.train_records)
+        model, trainable, opt = self.ralt_model()
+        return FederatedTask.ralt(model, trainable, opt, [subset(data, p) for p in parts],
+                                  c.fed, seed=c.seed)
+
+    def train_federated(self) -> dict[str, Any]:
+        """Federated LSR and/or RALT (per ``mode``) on the configured engine."""
+        c = self.config
+        histories = {}
+        for method in (("lsr",) if c.mode == "retriever" else ("ralt",) if
+                       c.mode == "generator" else ("lsr", "ralt")):
+            task = self.get_federated_task(method)
+            ckpt = str(self.output_dir / f"federated_{method}" / "checkpoints")
+            result = (task.run_spmd(checkpoint_dir=ckpt) if c.fed.engine == "spmd"
+                      else task.run_flower(checkpoint_dir=ckpt))
+            model = nnx.merge(task.template.graphdef, result.params, task.template.frozen)
+            if method == "lsr":
+                self.install_retriever(model)
+            else:
+                self.install_generator(model)
+            histories[method] = result.to_dict()
+        self.results["federated_history"] = histories
+        return histories
 
     def _trainer_config(self, name: str, steps: int) -> TrainerConfig:
         c = self.config
@@ -213,9 +278,15 @@ class FinetuneManager:
 
     # --- the one call ------------------------------------------------------------------------
     def train(self, *, evaluate: bool = True) -> dict[str, Any]:
+        """Centralized, or federated when ``config.federated`` is set: nothing else changes."""
         mode = self.config.mode
         if evaluate:
             self.evaluate("before")
+        if self.config.federated:
+            self.train_federated()
+            if evaluate:
+                self.evaluate("after_federated")
+            return self._write_results()
         if mode in ("retriever", "both"):
             self.train_retriever()
             if evaluate:
@@ -224,6 +295,9 @@ class FinetuneManager:
             self.train_generator()
             if evaluate:
                 self.evaluate("after_ralt" if mode == "both" else "after")
+        return self._write_results()
+
+    def _write_results(self) -> dict[str, Any]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
         return self.results

@@ -30,7 +30,7 @@ class ModelConfig:
     generator: str = "bundled"  # HF folder or .gguf; "bundled" = SmolLM2-135M-Instruct
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # master weights and optimizer state
-    retriever_max_length: int = 128
+    retriever_max_length: int = 128  # tokens kept per passage / query by the retriever
     use_chat_template: bool | None = None  # None: when the tokenizer has one
 
 
@@ -41,85 +41,85 @@ class DataConfig:
     index: str | None = None  # a folder from `fedrag-jax index build` (skips encoding)
     train: str = "bundled"  # "bundled": QA pairs made from the corpus; or a JSONL file
     eval: str | None = "bundled"
-    num_train: int = 256
-    num_eval: int = 64
+    num_train: int = 256  # training questions (bundled: made from the corpus)
+    num_eval: int = 64  # dev questions (disjoint articles)
     topics: list[str] | None = None  # restrict bundled QA pairs to these corpus topics
 
 
 @dataclass
 class RetrievalConfig:
-    top_k: int = 4
+    top_k: int = 4  # passages retrieved per query
     backend: str = "auto"  # auto | scann | exact
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # must contain {context} and {query}
     max_context_tokens: int = 160  # per passage in prompts
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # generated answer length
 
 
 @dataclass
 class LSRConfig:
-    steps: int = 40
-    batch_size: int = 8
-    micro_batches: int = 1
-    learning_rate: float = 2e-5
+    steps: int = 40  # optimizer steps
+    batch_size: int = 8  # queries per step (each with top_k passages)
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many
+    learning_rate: float = 2e-5  # peak of warmup + cosine decay
     warmup_steps: int = 4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0  # AdamW
+    max_grad_norm: float | None = 1.0  # global-norm clipping (null: none)
     tau_retrieval: float = 0.05  # MiniLM cosine scores live in [-1, 1]: sharpen them
-    tau_lm: float = 1.0
-    lm_reduction: Literal["sum", "mean"] = "mean"
+    tau_lm: float = 1.0  # temperature of Q_LM over log p(answer | prompt(query, passage))
+    lm_reduction: Literal["sum", "mean"] = "mean"  # log-prob over answer tokens: sum or mean
     max_length: int = 384  # prompt + answer tokens when the generator scores a passage
-    score_batch_size: int = 16
+    score_batch_size: int = 16  # (query, passage) pairs per generator scoring forward
     train_context: bool = False  # also train the context tower (then re-index)
 
 
 @dataclass
 class RALTConfig:
-    steps: int = 40
+    steps: int = 40  # optimizer steps
     batch_size: int = 2  # queries per step; each brings top_k instances
-    micro_batches: int = 1
-    learning_rate: float = 3e-4
+    micro_batches: int = 1  # gradient accumulation
+    learning_rate: float = 3e-4  # peak of warmup + cosine decay
     warmup_steps: int = 4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0  # AdamW
+    max_grad_norm: float | None = 1.0  # global-norm clipping (null: none)
     lora_rank: int = 16  # 0 = train every weight
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(
+    lora_alpha: float = 32.0  # LoRA scale is alpha / rank
+    lora_targets: list[str] = field(  # projections that get adapters
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    max_length: int = 384
-    weighting: Literal["uniform", "retrieval"] = "uniform"
+    max_length: int = 384  # prompt + response tokens; the passage is truncated to fit
+    weighting: Literal["uniform", "retrieval"] = "uniform"  # instance weights: 1 or P_R(d|x)
     top_k: int | None = None  # passages per query in training (default: retrieval.top_k)
 
 
 @dataclass
 class MeshSettings:
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data parallel (parameters replicated); -1 = the remaining devices
+    fsdp: int = 1  # data parallel with parameters and optimizer state sharded
+    tensor: int = 1  # tensor parallel inside matmuls
 
 
 @dataclass
 class FederatedConfig:
-    num_clients: int = 3
-    rounds: int = 2
-    local_steps: int = 10
-    partition: Literal["iid", "topic", "dirichlet"] = "topic"
-    dirichlet_alpha: float = 0.5
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    min_clients: int = 2
-    engine: Literal["spmd", "flower"] = "spmd"
+    num_clients: int = 3  # silos
+    rounds: int = 2  # server rounds
+    local_steps: int = 10  # optimizer steps per client per round
+    partition: Literal["iid", "topic", "dirichlet"] = "topic"  # how records split
+    dirichlet_alpha: float = 0.5  # non-IID strength for "dirichlet" (smaller = more skewed)
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg
+    fraction_train: float = 1.0  # share of clients sampled per round
+    min_clients: int = 2  # a round needs at least this many answers
+    engine: Literal["spmd", "flower"] = "spmd"  # in-process device slices, or Flower + Ray
 
 
 @dataclass
 class Config:
-    mode: Literal["retriever", "generator", "both"] = "both"
-    federated: bool = False
-    output_dir: str = "runs/default"
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 3
-    progress: bool = True
+    mode: Literal["retriever", "generator", "both"] = "both"  # LSR, RALT, or LSR then RALT
+    federated: bool = False  # the one switch from centralized to federated training
+    output_dir: str = "runs/default"  # metrics, TensorBoard, checkpoints, plots
+    seed: int = 0  # data order, initialisation, sampling
+    eval_every: int = 0  # steps between dev evaluations (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    progress: bool = True  # progress bars
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -236,4 +236,9 @@ def load_config(path: str | os.PathLike | None = None,
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
+    return _build(Config, _merge(data, parse_overrides(overrides)))
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A :class:`Config` from a nested dict (e.g. a preset) and ``key=value`` overrides."""
     return _build(Config, _merge(data, parse_overrides(overrides)))

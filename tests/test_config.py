@@ -52,3 +52,14 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("lsr:\n  tau_lm: fast\n")
     with pytest.raises(ConfigError, match=r"lsr\.tau_lm must be a number"):
         load_config(bad)
+
+
+def test_config_reference_is_up_to_date():
+    import importlib.util
+
+    script = Path(__file__).parent.parent / "scripts" / "gen_config_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_config_docs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = Path(__file__).parent.parent / "docs" / "config.md"
+    assert docs.read_text() == module.render(), "run scripts/gen_config_docs.py"

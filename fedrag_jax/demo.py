@@ -81,6 +81,9 @@ def run_demo(preset: str = "quick", out_dir: str | Path = "reports/demo",
     export = out / "export"
     rag.retriever.query_encoder.save_pretrained(export / "retriever",
                                                 tokenizer=rag.retriever.tokenizer)
+    if rag.retriever.context_encoder is not None:  # LSR untied the towers
+        rag.retriever.context_encoder.save_pretrained(export / "context_retriever",
+                                                      tokenizer=rag.retriever.tokenizer)
     rag.generator.model.save_pretrained(export / "generator", tokenizer=rag.generator.tokenizer)
 
     # federated: start again from the untuned models
@@ -128,8 +131,9 @@ def write_report(out: Path, results: dict[str, Any], config: Config, train: list
     lines += ["", "Timings (s): " + ", ".join(f"{k}={v}" for k, v in
                                              results["timings_s"].items()), "",
               "Plots: `loss_curves.png`, `metrics.png`. Per-example answers: `eval/*/`. "
-              "Exports: `export/retriever` (sentence-transformers), `export/generator` "
-              "(HF causal LM, LoRA merged).", ""]
+              "Exports: `export/retriever` (tuned query tower) and `export/context_retriever` "
+              "(the passage tower the index was built with), both sentence-transformers "
+              "folders; `export/generator` (HF causal LM, LoRA merged).", ""]
     (out / "summary.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     runs = Path(config.output_dir)

@@ -108,6 +108,15 @@ class FederatedConfig:
     fraction_train: float = 1.0  # share of clients sampled per round
     min_clients: int = 2  # a round needs at least this many answers
     engine: Literal["spmd", "flower"] = "spmd"  # in-process device slices, or Flower + Ray
+    proximal_mu: float = 0.0  # FedProx: weight of mu/2 ||w - w_global||^2 in the local loss
+    server_learning_rate: float = 0.1  # FedAdam / FedYogi
+    server_beta1: float = 0.9  # FedAdam / FedYogi
+    server_beta2: float = 0.99  # FedAdam / FedYogi
+    server_tau: float = 1e-3  # FedAdam / FedYogi adaptivity
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
+    devices_per_client: int | None = None  # SPMD engine: devices of each client's slice
+    client_num_cpus: int = 1  # Flower engine: Ray resources per virtual client
+    client_num_gpus: float = 0.0  # Flower engine: GPUs per client (a GPU each on a GPU host)
 
 
 @dataclass

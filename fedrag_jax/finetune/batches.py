@@ -222,6 +222,14 @@ class RALTDataset(_Epochs):
         self.n = len(prompts)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
 
+    def fix_length(self) -> RALTDataset:
+        """One sequence length for every batch (the bucket of the longest instance): what a
+        program that stacks several clients' batches (the SPMD simulator) needs."""
+        longest = max(len(p) + len(t) for ps, t in zip(self.prompts, self.targets, strict=True)
+                      for p in ps)
+        self.buckets = (bucket_length(longest, self.buckets),)
+        return self
+
     def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         rows, valid = self.indices(epoch, index)
         prompts = [p for i in rows for p in self.prompts[i]]

@@ -247,6 +247,8 @@ class FinetuneManager:
                                      c.fed, tau_retrieval=c.lsr.tau_retrieval,
                                      tau_lm=c.lsr.tau_lm, seed=c.seed)
         data = self.ralt_dataset(self.train_records)
+        if c.fed.engine == "spmd":  # clients' batches are stacked: one shape for all
+            data.fix_length()
         model, trainable, opt = self.ralt_model()
         return FederatedTask.ralt(model, trainable, opt, [subset(data, p) for p in parts],
                                   c.fed, seed=c.seed)

@@ -1,0 +1,98 @@
+"""The Flower ClientApp (Message API): train and evaluate on the client's own partition.
+
+    app = make_client_app(task)      # flwr.clientapp.ClientApp
+
+A node learns which client it is from its node config's ``partition-id`` (set by the
+simulation engine, or ``flower-supernode --node-config "partition-id=0"``). Messages:
+
+    train            arrays (global params, keyed by path) + config {server-round,
+                     proximal-mu?} -> arrays (the client's params) + metrics {num-examples,
+                     train_loss, examples_seen, local_steps}
+    evaluate         arrays -> metrics {num-examples, eval_loss}
+    query.identify   -> config {client-id}: lets the server name nodes by client id
+
+What the server sends is validated like what clients send (payload.from_arrayrecord).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..errors import ConfigError
+from .payload import from_arrayrecord, to_arrayrecord
+
+IDENTIFY = "identify"
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # Flower strategies' record keys
+
+# One task per process: a ClientApp's task is unpickled afresh for every message in a Ray
+# actor; keeping the first copy keeps its compiled steps for the next rounds.
+_TASKS: dict[str, Any] = {}
+
+
+def _local(task: Any) -> Any:
+    return _TASKS.setdefault(task.token, task)
+
+
+def client_id_of(context: Context, num_clients: int) -> int:
+    config = context.node_config
+    if "partition-id" not in config:
+        raise ConfigError("this node has no 'partition-id' in its node config; start it with "
+                          "flower-supernode --node-config \"partition-id=<client index>\"")
+    cid = int(config["partition-id"])
+    if not 0 <= cid < num_clients:
+        raise ConfigError(f"partition-id={cid} is outside 0..{num_clients - 1}")
+    return cid
+
+
+def handle_train(task: Any, msg: Message, context: Context) -> Message:
+    cid = client_id_of(context, task.config.num_clients)
+    params = from_arrayrecord(msg.content[ARRAYS], task.template.params)
+    config = msg.content[CONFIG]
+    round_ = int(config["server-round"])
+    mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0
+    new_params, m = task.client_update(cid, params, round_, mu)
+    metrics = MetricRecord({"num-examples": int(m["num_examples"]),
+                            "train_loss": float(m["train_loss"]),
+                            "examples_seen": int(m["examples_seen"]),
+                            "local_steps": int(m["steps"])})
+    return Message(RecordDict({ARRAYS: to_arrayrecord(new_params), METRICS: metrics}),
+                   reply_to=msg)
+
+
+def handle_evaluate(task: Any, msg: Message, context: Context) -> Message:
+    cid = client_id_of(context, task.config.num_clients)
+    params = from_arrayrecord(msg.content[ARRAYS], task.template.params)
+    result = task.client_evaluate(cid, params) or {"eval_loss": 0.0, "num_examples": 0}
+    metrics = MetricRecord({"num-examples": int(result["num_examples"]),
+                            "eval_loss": float(result["eval_loss"])})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def handle_identify(task: Any, msg: Message, context: Context) -> Message:
+    cid = client_id_of(context, task.config.num_clients)
+    return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+
+def make_client_app(task: Any, *, mods: list | None = None) -> ClientApp:
+    """A ClientApp serving ``task`` (a :class:`FederatedTask`; pickled to Flower's actors).
+
+    ``mods``: Flower client mods wrapped around every handler (e.g. for DP or tests).
+    """
+    app = ClientApp(mods=mods or [])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(_local(task), msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(_local(task), msg, context)
+
+    @app.query(IDENTIFY)
+    def identify(msg: Message, context: Context) -> Message:
+        return handle_identify(_local(task), msg, context)
+
+    return app

@@ -1,0 +1,180 @@
+"""What travels between server and clients: the trainable parameters, keyed by pytree path.
+
+Only ``TrainState.params`` (the trainable subset: the query tower, or the LoRA adapters)
+crosses the wire, as a flat dict ``{"query_tower/layers/0/attn/query/kernel": array}``.
+Keys are pytree *paths*, never leaf positions, so a payload built from a model whose
+structure differs cannot be silently poured into the wrong leaves.
+
+Two encodings of the same flat dict:
+    encode / decode                 msgpack bytes (orbax's msgpack utilities; no pickle)
+    to_arrayrecord / from_arrayrecord   a Flower ``ArrayRecord`` (Message API), which the
+                                    ``flwr.serverapp.strategy`` strategies aggregate
+
+Whatever is received is validated against a template (the receiver's own params): the
+same key set, shapes and dtypes, and finite values. Any failure raises
+:class:`PayloadError` saying what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from orbax.checkpoint import msgpack_utils
+
+from ..errors import PayloadError
+
+FORMAT = "fedrag-jax/params"
+VERSION = 1
+# Flower's Array serializes through np.save, which cannot name ml_dtypes (bfloat16 comes
+# back as raw void bytes): such leaves travel as float32 (exact) and are cast back.
+_WIRE_DTYPE = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.float32)}
+
+
+# --- paths ---------------------------------------------------------------------------------
+def _entry_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
+    """``{path: leaf}`` in leaf order, and the treedef. An nnx.Variable's trailing ``value``
+    attribute is not part of the name ("…/kernel", not "…/kernel/value")."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat: dict[str, Any] = {}
+    for path, leaf in with_path:
+        entries = list(path)
+        if entries and isinstance(entries[-1], jax.tree_util.GetAttrKey) \
+                and entries[-1].name == "value":
+            entries = entries[:-1]
+        name = "/".join(_entry_name(e) for e in entries)
+        if name in flat:
+            raise PayloadError(f"two parameters share the payload key {name!r}; module and "
+                               "attribute names must not contain '/'")
+        flat[name] = leaf
+    return flat, treedef
+
+
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    """``nnx.State`` (or any pytree of arrays) -> ``{path: host ndarray}``."""
+    flat, _ = _flatten(params)
+    return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+
+
+def param_paths(template: Any) -> list[str]:
+    return list(_flatten(template)[0])
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
+    """Raise :class:`PayloadError` unless ``flat`` matches ``template`` key for key:
+    same paths, shapes and dtypes, and only finite values."""
+    expected, _ = _flatten(template)
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    if missing or extra:
+        parts = [f"missing keys: {_few(missing)}" if missing else "",
+                 f"extra keys: {_few(extra)}" if extra else ""]
+        raise PayloadError("payload does not match the model's trainable parameters ("
+                           + "; ".join(p for p in parts if p) + "); client and server must "
+                           "build the model with the same architecture and trainable filter")
+    for key, want in expected.items():
+        got = flat[key]
+        if not isinstance(got, np.ndarray):
+            raise PayloadError(f"payload key {key!r} holds a {type(got).__name__}, not an array")
+        if tuple(got.shape) != tuple(want.shape):
+            raise PayloadError(f"payload key {key!r} has shape {tuple(got.shape)}, expected "
+                               f"{tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise PayloadError(f"payload key {key!r} has dtype {got.dtype}, expected "
+                               f"{want.dtype}")
+        if jax.dtypes.issubdtype(got.dtype, np.inexact):
+            finite = np.isfinite(got.astype(np.float32) if got.dtype.itemsize < 4 else got)
+            if not finite.all():
+                raise PayloadError(f"payload key {key!r} holds {int((~finite).sum())} "
+                                   "non-finite values (NaN or inf); the sender diverged")
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray], template: Any, *,
+                     cast: bool = False) -> Any:
+    """Validate ``flat`` against ``template`` and rebuild the template's pytree from it.
+
+    ``cast=True`` first casts every known key to the template's dtype: for arrays the
+    *server* computed (Flower's adaptive strategies work in float64), never for what a
+    client sent.
+    """
+    names, treedef = _flatten(template)
+    if cast:
+        flat = {k: (np.asarray(v).astype(names[k].dtype) if k in names else v)
+                for k, v in flat.items()}
+    validate_flat(flat, template)
+    return jax.tree_util.tree_unflatten(treedef, [np.array(flat[k]) for k in names])
+
+
+# --- msgpack bytes -------------------------------------------------------------------------
+def encode(params: Any) -> bytes:
+    """msgpack bytes of ``{"format", "version", "arrays": {path: ndarray}}``."""
+    body = {"format": FORMAT, "version": VERSION, "arrays": flatten_params(params)}
+    return msgpack_utils.msgpack_serialize(body)
+
+
+def decode(blob: bytes, template: Any) -> Any:
+    """The params ``blob`` encodes, in ``template``'s structure; :class:`PayloadError` if the
+    bytes are damaged or do not fit the template (keys, shapes, dtypes, finite values)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(blob).__name__}")
+    try:
+        body = msgpack_utils.msgpack_restore(bytes(blob))
+    except Exception as e:  # msgpack raises a zoo of types on damaged input
+        raise PayloadError(f"payload is not a valid msgpack parameter blob ({e!r:.200})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise PayloadError(f"payload is not a {FORMAT} blob; was it produced by encode()?")
+    if body.get("version") != VERSION:
+        raise PayloadError(f"payload version {body.get('version')!r} is not supported "
+                           f"(expected {VERSION}); upgrade the older side")
+    arrays = body.get("arrays")
+    if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
+        raise PayloadError("payload 'arrays' must map string paths to arrays")
+    return unflatten_params(arrays, template)
+
+
+# --- Flower ArrayRecord --------------------------------------------------------------------
+def to_arrayrecord(params: Any):
+    """A Flower ``ArrayRecord`` keyed by path (bfloat16 leaves travel as float32)."""
+    from flwr.app import Array, ArrayRecord
+
+    out = {}
+    for key, value in flatten_params(params).items():
+        wire = _WIRE_DTYPE.get(value.dtype)
+        out[key] = Array(np.ascontiguousarray(value.astype(wire) if wire else value))
+    return ArrayRecord(out)
+
+
+def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
+    """Params from a Flower ``ArrayRecord``, validated against ``template`` (``cast``: as
+    in :func:`unflatten_params`)."""
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
+    expected, _ = _flatten(template)
+    flat: dict[str, np.ndarray] = {}
+    for key in record.keys():
+        try:
+            value = record[key].numpy()
+        except Exception as e:  # damaged npy bytes, or a non-numpy stype
+            raise PayloadError(f"payload key {key!r} cannot be read as an array ({e!r:.200})") \
+                from None
+        want = expected.get(key)
+        if want is not None and _WIRE_DTYPE.get(np.dtype(want.dtype)) == value.dtype:
+            value = value.astype(want.dtype)  # the wire form of a bfloat16 leaf
+        flat[key] = value
+    return unflatten_params(flat, template, cast=cast)

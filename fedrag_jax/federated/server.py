@@ -1,0 +1,218 @@
+"""The Flower ServerApp (Message API): rounds of train -> screen -> aggregate -> evaluate.
+
+    app = make_server_app(task, run)     # flwr.serverapp.ServerApp
+
+The aggregation rule is a Flower strategy from ``flwr.serverapp.strategy`` chosen by name
+(fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg). The round loop is ours rather
+than ``Strategy.start`` so that, between receiving the replies and aggregating them, every
+reply is screened: a client that raised is *failed*, a reply whose payload does not match the
+model (keys, shapes, dtypes) or holds NaN/inf is *rejected* with its reason; both are logged,
+recorded in the round's history and left out. If fewer than ``min_clients`` valid updates
+remain, the round keeps the global params. After every round the server checkpoints (global
+params, FedAdam/FedYogi moments, history), and a run resumes after the last completed round
+with the real round numbers (which FedAdam's bias correction and the clients' data
+positions depend on).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+
+from ..errors import PayloadError
+from .aggregate import StrategyOptions, check_strategy
+from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
+from .history import ClientResult, RoundRecord, open_run
+from .payload import flatten_params, from_arrayrecord, to_arrayrecord, unflatten_params
+
+log = logging.getLogger(__name__)
+
+
+def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
+                  fraction_train: float = 1.0, evaluate: bool = True):
+    """A ``flwr.serverapp.strategy`` strategy by name."""
+    key = check_strategy(name)
+    common = dict(fraction_train=fraction_train, fraction_evaluate=1.0 if evaluate else 0.0,
+                  min_train_nodes=min_clients, min_evaluate_nodes=min_clients if evaluate else 0,
+                  min_available_nodes=min_clients)
+    if key == "fedavg":
+        return flwr_strategy.FedAvg(**common)
+    if key == "fedprox":
+        return flwr_strategy.FedProx(**common, proximal_mu=options.proximal_mu)
+    if key in ("fedadam", "fedyogi"):
+        cls = flwr_strategy.FedAdam if key == "fedadam" else flwr_strategy.FedYogi
+        return cls(**common, eta=options.server_learning_rate, beta_1=options.server_beta1,
+                   beta_2=options.server_beta2, tau=options.server_tau)
+    if key == "fedmedian":
+        return flwr_strategy.FedMedian(**common)
+    return flwr_strategy.FedTrimmedAvg(**common, beta=options.trim_beta)
+
+
+@dataclass
+class ServerRun:
+    """Settings of one server run, and (filled in as it goes) its params and history."""
+
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    record_client_params: bool = False
+    connect_timeout: float = 120.0  # seconds to wait for every client's node to appear
+    params: Any = None
+    history: list[RoundRecord] = field(default_factory=list)
+    node_to_client: dict[int, int] = field(default_factory=dict)
+
+
+def _name(node: int, mapping: dict[int, int]) -> int | str:
+    return mapping.get(node, f"node {node}")
+
+
+def identify(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
+    """node id -> client id, asked of every connected node (waits for all to connect)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < num_clients:
+        log.warning("only %d of %d client nodes connected after %.0fs", len(nodes),
+                    num_clients, timeout)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=f"query.{IDENTIFY}")
+                for n in nodes]
+    mapping = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
+        mapping[reply.metadata.src_node_id] = int(reply.content[CONFIG]["client-id"])
+    return mapping
+
+
+def screen_train_replies(replies: list[Message], template: Any, record: RoundRecord,
+                         mapping: dict[int, int], keep_params: bool) -> list[Message]:
+    """The replies fit to aggregate; the others go into ``record.failed`` / ``rejected``."""
+    valid = []
+    for msg in replies:
+        who = _name(msg.metadata.src_node_id, mapping)
+        if msg.has_error():
+            record.failed.append({"client_id": who, "reason": msg.error.reason})
+            log.warning("round %d: client %s failed: %s", record.round, who, msg.error.reason)
+            continue
+        try:
+            content = msg.content
+            if len(content.array_records) != 1 or ARRAYS not in content.array_records:
+                raise PayloadError(f"reply must hold one ArrayRecord named {ARRAYS!r}, got "
+                                   f"{sorted(content.array_records)}")
+            if METRICS not in content.metric_records:
+                raise PayloadError(f"reply has no MetricRecord named {METRICS!r}")
+            metrics = content.metric_records[METRICS]
+            n, loss = metrics.get("num-examples"), metrics.get("train_loss")
+            if not isinstance(n, int) or n <= 0:
+                raise PayloadError(f"num-examples must be a positive integer, got {n!r}")
+            if not isinstance(loss, (int, float)) or loss != loss or abs(loss) == float("inf"):
+                raise PayloadError(f"train_loss must be a finite number, got {loss!r}")
+            params = from_arrayrecord(content[ARRAYS], template)
+        except PayloadError as e:
+            record.rejected.append({"client_id": who, "reason": str(e)})
+            log.warning("round %d: rejected the update of client %s: %s", record.round, who, e)
+            continue
+        valid.append(msg)
+        record.clients.append(ClientResult(
+            client_id=who, num_examples=n, train_loss=float(loss),
+            examples_seen=int(metrics.get("examples_seen", 0)),
+            steps=int(metrics.get("local_steps", 0))))
+        if keep_params:
+            record.client_params = record.client_params or {}
+            record.client_params[who] = flatten_params(params)
+    return valid
+
+
+def screen_eval_replies(replies: list[Message], record: RoundRecord,
+                        mapping: dict[int, int]) -> None:
+    for msg in replies:
+        who = _name(msg.metadata.src_node_id, mapping)
+        if msg.has_error():
+            log.warning("round %d: client %s failed to evaluate: %s", record.round, who,
+                        msg.error.reason)
+            continue
+        metrics = msg.content.metric_records.get(METRICS, {})
+        n, loss = metrics.get("num-examples", 0), metrics.get("eval_loss")
+        if isinstance(n, int) and n > 0 and isinstance(loss, float) and loss == loss:
+            record.evaluation.append({"client_id": who, "eval_loss": loss, "num_examples": n})
+    record.evaluation.sort(key=lambda e: str(e["client_id"]))
+
+
+def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
+    """The server's rounds (the body of the ServerApp's main)."""
+    c = task.config
+    template = task.template.params
+    ckpt, done, params, server, history = open_run(task, run.checkpoint_dir, run.resume)
+    strategy = make_strategy(task.strategy, task.options, min_clients=c.min_clients,
+                             fraction_train=c.fraction_train, evaluate=task.has_eval)
+    if server is not None:  # FedAdam / FedYogi moments, keyed by path as Flower keeps them
+        strategy.m_t, strategy.v_t = flatten_params(server["m"]), flatten_params(server["v"])
+    run.params, run.history = params, history
+    try:
+        if done < c.rounds:
+            run.node_to_client = identify(grid, c.num_clients, run.connect_timeout)
+        for r in range(done + 1, c.rounds + 1):
+            start = time.perf_counter()
+            record = RoundRecord(round=r)
+            messages = strategy.configure_train(
+                r, to_arrayrecord(params), ConfigRecord({"local-steps": c.local_steps}), grid)
+            replies = list(grid.send_and_receive(messages, timeout=task.round_timeout))
+            valid = screen_train_replies(replies, template, record, run.node_to_client,
+                                         run.record_client_params)
+            aggregated = None
+            if len(valid) >= c.min_clients:
+                try:
+                    aggregated, _ = strategy.aggregate_train(r, valid)
+                except (AggregationError, InconsistentMessageReplies) as e:
+                    record.note = (f"the strategy could not aggregate ({e}): the global params "
+                                   "were kept")
+                    log.error("round %d: %s", r, record.note)
+            else:
+                record.note = (f"only {len(valid)} valid updates, fewer than min_clients="
+                               f"{c.min_clients}: the global params were kept")
+                log.warning("round %d: %s", r, record.note)
+            if aggregated is not None:
+                # Flower's adaptive strategies compute in float64: back to the model's dtypes
+                params = from_arrayrecord(aggregated, template, cast=True)
+                record.aggregated = True
+            if server is not None and strategy.m_t is not None:
+                server = {"m": unflatten_params(strategy.m_t, template, cast=True),
+                          "v": unflatten_params(strategy.v_t, template, cast=True)}
+            if task.has_eval:
+                messages = strategy.configure_evaluate(r, to_arrayrecord(params),
+                                                       ConfigRecord(), grid)
+                screen_eval_replies(list(grid.send_and_receive(
+                    messages, timeout=task.round_timeout)), record, run.node_to_client)
+            record.seconds = time.perf_counter() - start
+            history.append(record)
+            run.params = params
+            log.info("round %d/%d (flower): %d aggregated, %d rejected, %d failed; train loss "
+                     "%s, eval loss %s", r, c.rounds, len(record.clients), len(record.rejected),
+                     len(record.failed), record.train_loss, record.eval_loss)
+            if ckpt is not None:
+                ckpt.save(r, params, server, history, task.strategy, "flower")
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return run
+
+
+def make_server_app(task: Any, run: ServerRun | None = None) -> ServerApp:
+    """A ServerApp running ``task``'s rounds; ``run`` receives the params and history."""
+    run = run if run is not None else ServerRun()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        serve(grid, task, run)
+
+    return app
+

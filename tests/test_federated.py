@@ -1,0 +1,625 @@
+"""Federated fine-tuning: payloads keyed by path and validated, partitions, the server rules
+against Flower's strategies, the Flower simulation (Ray) against local_train + FedAvg, the
+SPMD simulator's shardings and its equality with single-client runs and with Flower, faulty
+clients, checkpoint resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.metadata import Metadata
+from orbax.checkpoint import msgpack_utils
+
+from fedrag_jax.config import FederatedConfig
+from fedrag_jax.errors import ConfigError, DataError, PayloadError
+from fedrag_jax.federated import (
+    ClientStep,
+    FederatedTask,
+    StrategyOptions,
+    decode,
+    encode,
+    flatten_params,
+    from_arrayrecord,
+    local_train,
+    partition,
+    prox_objective,
+    split_dataset,
+    subset,
+    to_arrayrecord,
+)
+from fedrag_jax.federated.aggregate import ServerOptimizer, aggregate
+from fedrag_jax.federated.client import make_client_app
+from fedrag_jax.federated.history import open_run
+from fedrag_jax.federated.server import ServerRun, make_strategy, serve
+from fedrag_jax.federated.spmd import SpmdSimulator, devices_of_group, slice_devices
+from fedrag_jax.finetune.batches import LSRDataset
+from fedrag_jax.finetune.steps import QUERY_TOWER, Towers, TrainState
+from fedrag_jax.models.bert import BertConfig, Encoder
+
+# one layer: XLA:CPU compiles this train step in ~8 s on two cores (two layers: ~13 s)
+BERT = BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                  intermediate_size=64, max_position_embeddings=32)
+# SGD keeps float-order differences (vmapped vs. single, 2 devices vs. 1) at float noise;
+# Adam would magnify them where a gradient element is ~0 (its update is ~lr * sign(g))
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))
+ATOL = 2e-5
+
+
+# --- fixtures -------------------------------------------------------------------------------
+def towers(seed: int = 0) -> Towers:
+    query = Encoder(BERT, rngs=nnx.Rngs(seed))
+    return Towers(query, nnx.clone(query))
+
+
+def lsr_dataset(n: int, seed: int, batch_size: int = 4, k: int = 4) -> LSRDataset:
+    """Synthetic LSR data: the generator clearly prefers one passage per query."""
+    rng = np.random.default_rng(seed)
+    length = 10
+    ids = rng.integers(1, 64, size=(n, length)).astype(np.int32)
+    mask = np.ones((n, length), bool)
+    mask[1::2, length - 3:] = False
+    emb = rng.normal(size=(n, k, BERT.hidden_size)).astype(np.float32)
+    lm = np.full((n, k), -30.0, np.float32)
+    lm[np.arange(n), rng.integers(0, k, size=n)] = -2.0
+    arrays = {"query_ids": ids, "query_mask": mask, "passage_emb": emb, "lm_logprobs": lm}
+    return LSRDataset(arrays, np.arange(n * k).reshape(n, k), batch_size=batch_size, seed=seed)
+
+
+def topic_clients(num_clients: int, n: int = 30, seed: int = 0) -> list[LSRDataset]:
+    """Uneven client datasets (topic partition), so FedAvg's weights matter."""
+    topics = [f"t{i % (num_clients + 2)}" for i in range(n)]
+    topics[: n // 4] = ["t0"] * (n // 4)
+    parts = partition([{"topic": t} for t in topics], num_clients, "topic", seed=seed)
+    full = lsr_dataset(n, seed)
+    return [subset(full, p) for p in parts]
+
+
+def make_task(num_clients: int, *, rounds: int = 2, local_steps: int = 3, min_clients: int = 2,
+              strategy: str = "fedavg", eval_data: bool = True, seed: int = 0,
+              **options) -> FederatedTask:
+    clients = topic_clients(num_clients, seed=seed)
+    evals = [lsr_dataset(6, 100 + c) for c in range(num_clients)] if eval_data else None
+    config = FederatedConfig(num_clients=num_clients, rounds=rounds, local_steps=local_steps,
+                             min_clients=min_clients, strategy=strategy, partition="topic")
+    return FederatedTask.lsr(towers(seed), QUERY_TOWER, TX, clients, config, eval_data=evals,
+                             options=StrategyOptions(**options), seed=seed)
+
+
+def weighted_average(flats: list[dict[str, np.ndarray]], weights: list[float]):
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    return {k: sum(wi * f[k].astype(np.float64) for wi, f in zip(w, flats, strict=True))
+            for k in flats[0]}
+
+
+def assert_close(a: dict, b: dict, atol: float = ATOL) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64),
+                                   atol=atol, err_msg=k)
+
+
+def params_template():
+    return TrainState.create(towers(), optax.sgd(0.1), QUERY_TOWER).params
+
+
+# --- payload ----------------------------------------------------------------------------------
+def test_payload_round_trip_is_keyed_by_path():
+    params = params_template()
+    flat = flatten_params(params)
+    assert "query_tower/layers/0/query/kernel" in flat and "query_tower/pooler/bias" in flat
+    assert not any(k.startswith("context_tower") for k in flat)  # only the trainable subset
+    back = decode(encode(params), params)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert_close(flatten_params(back), flat, atol=0)
+    # the arrays are matched by path, not by position: reversed key order, same result
+    reordered = {"format": "fedrag-jax/params", "version": 1,
+                 "arrays": dict(reversed(list(flat.items())))}
+    assert_close(flatten_params(decode(msgpack_utils.msgpack_serialize(reordered), params)),
+                 flat, atol=0)
+    # and through a Flower ArrayRecord
+    record = to_arrayrecord(params)
+    assert list(record.keys()) == list(flat)
+    assert_close(flatten_params(from_arrayrecord(record, params)), flat, atol=0)
+
+
+def _tampered(flat: dict, how: str) -> dict:
+    flat = dict(flat)
+    key = "query_tower/layers/0/value/kernel"
+    if how == "nan":
+        flat[key] = flat[key].copy()
+        flat[key][0, 0] = np.nan
+    elif how == "shape":
+        flat[key] = flat[key][:-1]
+    elif how == "dtype":
+        flat[key] = flat[key].astype(np.float16)
+    elif how == "missing":
+        del flat[key]
+    elif how == "extra":
+        flat["query_tower/backdoor/kernel"] = np.zeros((2, 2), np.float32)
+    return flat
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("nan", "non-finite"), ("shape", "has shape (31, 32), expected (32, 32)"),
+    ("dtype", "has dtype float16, expected float32"),
+    ("missing", "missing keys: query_tower/layers/0/value/kernel"),
+    ("extra", "extra keys: query_tower/backdoor/kernel")])
+def test_tampered_payload_is_rejected_with_its_reason(how, reason):
+    params = params_template()
+    flat = _tampered(flatten_params(params), how)
+    blob = msgpack_utils.msgpack_serialize({"format": "fedrag-jax/params", "version": 1,
+                                            "arrays": flat})
+    with pytest.raises(PayloadError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        decode(blob, params)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in flat.items()})
+    with pytest.raises(PayloadError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        from_arrayrecord(record, params)
+
+
+def test_damaged_or_foreign_bytes_are_payload_errors():
+    params = params_template()
+    blob = encode(params)
+    for bad in (blob[: len(blob) // 2], b"\x00not msgpack", msgpack_utils.msgpack_serialize(
+            {"format": "other", "arrays": {}}), msgpack_utils.msgpack_serialize([1, 2])):
+        with pytest.raises(PayloadError):
+            decode(bad, params)
+
+
+def test_bfloat16_params_travel_as_float32_and_come_back():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params_template())
+    record = to_arrayrecord(params)
+    assert all(a.numpy().dtype == np.float32 for a in record.values())  # np.save-safe
+    back = from_arrayrecord(record, params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(back))
+    assert_close(flatten_params(back), flatten_params(params), atol=0)
+    assert_close(flatten_params(decode(encode(params), params)), flatten_params(params), atol=0)
+
+
+# --- partitions -------------------------------------------------------------------------------
+def test_partitions_cover_every_record_once():
+    topics = [f"t{i % 6}" for i in range(60)]
+    records = [{"topic": t} for t in topics]
+    for scheme in ("iid", "topic", "dirichlet"):
+        parts = partition(records, 3, scheme, alpha=0.3, seed=1)
+        joined = np.sort(np.concatenate(parts))
+        np.testing.assert_array_equal(joined, np.arange(60), err_msg=scheme)
+        assert all(len(p) > 0 for p in parts)
+        again = partition(records, 3, scheme, alpha=0.3, seed=1)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    iid = partition(records, 3, "iid")
+    assert [len(p) for p in iid] == [20, 20, 20]
+    by_topic = partition(records, 3, "topic")
+    owners = [{topics[i] for i in p} for p in by_topic]
+    assert sum(len(o) for o in owners) == 6 and not set.intersection(*owners)  # whole topics
+
+    def skew(alpha):  # mean share of a topic's records on its biggest client
+        parts = partition(records, 3, "dirichlet", alpha=alpha, seed=3)
+        return np.mean([max(sum(topics[i] == t for i in p) for p in parts) / 10
+                        for t in set(topics)])
+    assert skew(0.05) > skew(100.0)
+
+
+def test_split_dataset_gives_each_client_its_rows_in_one_shape():
+    data = lsr_dataset(20, 0)
+    records = [{"topic": f"t{i % 4}"} for i in range(20)]
+    config = FederatedConfig(num_clients=2, partition="topic")
+    clients = split_dataset(data, records, config)
+    parts = partition(records, 2, "topic")
+    for client, rows in zip(clients, parts, strict=True):
+        assert client.n == len(rows)
+        np.testing.assert_array_equal(client.arrays["query_ids"], data.arrays["query_ids"][rows])
+        batch = client.batch_at(0, 0)
+        assert {k: v.shape for k, v in batch.items()} == \
+            {k: v.shape for k, v in data.batch_at(0, 0).items()}
+    with pytest.raises(DataError, match="rows"):
+        split_dataset(data, records[:10], config)
+
+
+def test_partition_errors_say_what_to_do():
+    with pytest.raises(ConfigError, match="at least one topic per client"):
+        partition([{"topic": "a"}, {"topic": "b"}, {"topic": "a"}], 3, "topic")
+    with pytest.raises(DataError, match="'topic' field"):
+        partition([{"query": "q"}] * 4, 2, "dirichlet")
+    with pytest.raises(ConfigError, match="unknown partition"):
+        partition([{"topic": "a"}] * 4, 2, "random")
+
+
+# --- aggregation: our JAX rules == Flower's strategies ----------------------------------------
+def _reply(arrays: dict[str, np.ndarray], n: int, node: int) -> Message:
+    meta = Metadata(run_id=0, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n})})
+    return Message(content, metadata=meta)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian",
+                                  "fedtrimmedavg"])
+def test_server_rules_match_flower_strategies(name):
+    rng = np.random.default_rng(0)
+    options = StrategyOptions(proximal_mu=0.1, server_learning_rate=0.05, trim_beta=0.2)
+    strategy = make_strategy(name, options, min_clients=1)
+    shapes = {"a/kernel": (3, 4), "a/bias": (4,)}
+    current = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    ours = jax.tree.map(jnp.asarray, current)
+    counts = [5, 3, 8, 2, 6]
+    server_opt = ServerOptimizer(name, options) if name in ("fedadam", "fedyogi") else None
+    opt_state = server_opt.init(ours) if server_opt else None
+    for round_ in (1, 2):
+        clients = [{k: v + rng.normal(size=v.shape).astype(np.float32) * 0.1
+                    for k, v in current.items()} for _ in counts]
+        if hasattr(strategy, "current_arrays"):  # what FedOpt's configure_train records
+            strategy.current_arrays = {k: v.copy() for k, v in current.items()}
+        replies = [_reply(c, n, i + 1) for i, (c, n) in enumerate(zip(clients, counts,
+                                                                     strict=True))]
+        theirs, _ = strategy.aggregate_train(round_, replies)
+        stacked = {k: jnp.stack([c[k] for c in clients]) for k in shapes}
+        averaged = aggregate(name, stacked, jnp.asarray(counts, jnp.float32), options)
+        if server_opt:
+            ours, opt_state = server_opt.apply(ours, averaged, opt_state, round_)
+        else:
+            ours = averaged
+        expected = {k: theirs[k].numpy() for k in shapes}
+        assert_close({k: np.asarray(v) for k, v in ours.items()}, expected, atol=1e-5)
+        current = {k: v.astype(np.float32) for k, v in expected.items()}
+        ours = jax.tree.map(jnp.asarray, current)
+
+
+# --- local training and FedProx on a toy model (compiles in a blink) --------------------------
+class Toy(nnx.Module):
+    def __init__(self):
+        self.linear = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+
+
+def toy_objective(model: Toy, batch):
+    pred = model.linear(batch["x"])[:, 0]
+    err = jnp.square(pred - batch["y"]) * batch["example_mask"]
+    return jnp.sum(err) / jnp.maximum(jnp.sum(batch["example_mask"]), 1.0), {}
+
+
+class ToyData:
+    def __init__(self, n: int, seed: int, batch_size: int = 4):
+        rng = np.random.default_rng(seed)
+        self.x = rng.normal(size=(n, 3)).astype(np.float32)
+        self.y = (self.x @ np.array([1.0, -2.0, 0.5], np.float32)).astype(np.float32)
+        self.n, self.batch_size = n, batch_size
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def batch_at(self, epoch, index):
+        rows = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        valid = rows < self.n
+        rows = np.where(valid, rows, 0)
+        return {"x": self.x[rows], "y": self.y[rows], "example_mask": valid}
+
+
+def test_local_train_reports_real_losses_and_counts():
+    data = ToyData(10, 0)  # 3 batches, the last one half padding
+    state = TrainState.create(Toy(), optax.sgd(0.05), nnx.Param)
+    step = ClientStep(toy_objective)
+    by_hand = []
+    ref = state
+    for pos in range(2, 7):  # from data position 2: batches 2, 0, 1, 2, 0 (epochs roll over)
+        ref_loss, _ = toy_objective(ref.model(), data.batch_at(*divmod(pos, 3)))
+        by_hand.append(float(ref_loss))
+        grads = nnx.grad(lambda m, pos=pos: toy_objective(m, data.batch_at(*divmod(pos, 3)))[0])(
+            ref.model())
+        updated = jax.tree.map(lambda p, g: p - 0.05 * g, ref.params, nnx.state(grads, nnx.Param))
+        ref = ref.replace(params=updated)
+    trained, metrics = local_train(state, data, 5, 2, step=step)
+    assert metrics["train_loss"] == pytest.approx(np.mean(by_hand), rel=1e-5)
+    assert metrics["num_examples"] == 10
+    assert metrics["examples_seen"] == 2 + 4 + 4 + 2 + 4
+    assert_close(flatten_params(trained.params), flatten_params(ref.params), atol=1e-6)
+    assert trained.frozen is not None
+
+
+def test_prox_objective_pulls_towards_the_global_params():
+    state = TrainState.create(Toy(), optax.sgd(0.05), nnx.Param)
+    anchor = jax.tree.map(lambda x: x + 1.0, state.params)
+    mu = 0.3
+
+    def zero(model, batch):
+        return 0.0 * jnp.sum(model.linear.kernel[...]), {}
+
+    def loss_of(params):
+        return prox_objective(zero, anchor, mu)(nnx.merge(state.graphdef, params, state.frozen),
+                                                None)[0]
+
+    grads = jax.grad(loss_of)(state.params)
+    for g, w, a in zip(jax.tree.leaves(grads), jax.tree.leaves(state.params),
+                       jax.tree.leaves(anchor), strict=True):
+        np.testing.assert_allclose(g, mu * (w - a), rtol=1e-6)  # d/dw mu/2 ||w - a||^2
+    data = ToyData(12, 1)
+    far = {}
+    for m in (0.0, 5.0):
+        start = TrainState.create(Toy(), optax.sgd(0.05), nnx.Param)
+        init = flatten_params(start.params)
+        out, metrics = local_train(start, data, 6, 0, step=ClientStep(toy_objective, mu=m))
+        far[m] = sum(float(np.sum((v - init[k]) ** 2))
+                     for k, v in flatten_params(out.params).items())
+        assert np.isfinite(metrics["train_loss"])
+    assert far[5.0] < far[0.0]
+
+
+def test_task_validates_its_config():
+    with pytest.raises(ConfigError, match="min_clients=4 exceeds num_clients=3"):
+        make_task(3, min_clients=4)
+    with pytest.raises(ConfigError, match="unknown federated strategy"):
+        make_task(3, strategy="fedsgd")
+
+
+# --- the Flower simulation (Ray) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for the Ray actors: the second simulation's clients load the
+    train step instead of compiling it again."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla-cache"))}
+
+
+@pytest.fixture(scope="module")
+def flower_fedavg(tmp_path_factory, compile_cache):
+    task = make_task(3)
+    checkpoints = tmp_path_factory.mktemp("flower-ckpt")
+    start = time.perf_counter()
+    result = task.run_flower(record_client_params=True, actor_env=compile_cache,
+                             checkpoint_dir=str(checkpoints))
+    print(f"flower simulation: {time.perf_counter() - start:.1f}s")
+    return task, result, checkpoints
+
+
+def test_flower_fedavg_is_the_weighted_average_of_real_client_updates(flower_fedavg):
+    task, result, _ = flower_fedavg
+    assert [r.round for r in result.history] == [1, 2]
+    initial = flatten_params(task.initial_params())
+    final = flatten_params(result.params)
+    assert any(not np.allclose(final[k], initial[k]) for k in final)
+    sizes = [d.n for d in task.client_data]
+    global_params = task.initial_params()
+    for record in result.history:
+        assert record.aggregated and not record.rejected and not record.failed
+        assert sorted(c.client_id for c in record.clients) == [0, 1, 2]
+        by_client = {c.client_id: c for c in record.clients}
+        for cid in range(3):
+            # what this client computes locally from the global params == what it sent
+            params, metrics = task.client_update(cid, global_params, record.round)
+            assert_close(flatten_params(params), record.client_params[cid])
+            assert by_client[cid].train_loss == pytest.approx(metrics["train_loss"], rel=1e-5)
+            assert by_client[cid].num_examples == sizes[cid] == metrics["num_examples"]
+        averaged = weighted_average([record.client_params[c] for c in range(3)], sizes)
+        global_params = jax.tree.unflatten(jax.tree.structure(task.initial_params()),
+                                           [averaged[k] for k in initial])
+        global_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), global_params)
+        # the clients evaluated the new global params on their own eval data
+        assert [e["client_id"] for e in record.evaluation] == [0, 1, 2]
+        for e in record.evaluation:
+            mine = task.client_evaluate(e["client_id"], global_params)
+            assert e["eval_loss"] == pytest.approx(mine["eval_loss"], rel=1e-5)
+    assert_close(final, flatten_params(global_params))
+    losses = [r.train_loss for r in result.history]
+    assert losses[1] < losses[0]  # it learns
+
+
+def test_flower_checkpoints_every_round(flower_fedavg):
+    task, result, checkpoints = flower_fedavg
+    ckpt, done, params, server, history = open_run(task, checkpoints, resume=True)
+    ckpt.close()
+    assert done == 2 and server is None
+    assert [r.round for r in history] == [1, 2]
+    assert history[1].losses() == pytest.approx(result.history[1].losses())
+    assert_close(flatten_params(params), flatten_params(result.params), atol=0)
+
+
+def test_spmd_equals_flower_for_fedavg(flower_fedavg):
+    task, result, _ = flower_fedavg
+    spmd = task.run_spmd(devices=jax.devices()[:6])  # 3 clients x 2 devices
+    assert_close(flatten_params(spmd.params), flatten_params(result.params))
+    for a, b in zip(spmd.history, result.history, strict=True):
+        assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+        assert [c.num_examples for c in sorted(a.clients, key=lambda c: c.client_id)] == \
+            [c.num_examples for c in sorted(b.clients, key=lambda c: c.client_id)]
+        assert a.eval_loss == pytest.approx(b.eval_loss, rel=1e-4)
+
+
+class LocalGrid:
+    """An in-process Grid: each message goes straight to its node's ClientApp (what the
+    simulation engine does, without Ray); an exception becomes an error reply."""
+
+    def __init__(self, app, num_clients: int):
+        self.app = app
+        self.nodes = {100 + c: c for c in range(num_clients)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=0, node_id=node, state=RecordDict(), run_config={},
+                              node_config={"partition-id": self.nodes[node]})
+            try:
+                replies.append(self.app(msg, context))
+            except Exception as e:  # reported as the simulation engine reports it
+                replies.append(Message(Error(code=0, reason=repr(e)), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    """Server-made Messages read the process's Flower task identity (a run sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
+def test_flower_server_equals_spmd_and_resumes(flower_fedavg, tmp_path, task_identity,
+                                               strategy):
+    """The ServerApp's loop and the ClientApp's handlers (in process) against the SPMD
+    simulator: FedAdam's server moments, FedProx's mu (sent as the config's proximal-mu)."""
+    task, fedavg, _ = flower_fedavg
+    original, options = task.config, task.options
+    grid = LocalGrid(make_client_app(task), 3)
+    try:
+        task.config = dataclasses.replace(original, strategy=strategy)
+        task.options = StrategyOptions(proximal_mu=2.0)
+        straight = serve(grid, task, ServerRun())
+        spmd = task.run_spmd(devices=jax.devices()[:6])
+        assert_close(flatten_params(spmd.params), flatten_params(straight.params))
+        for a, b in zip(spmd.history, straight.history, strict=True):
+            assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+        if strategy == "fedadam":  # stop after round 1, resume: needs the restored moments
+            task.config = dataclasses.replace(original, strategy=strategy, rounds=1)
+            serve(grid, task, ServerRun(checkpoint_dir=str(tmp_path)))
+            task.config = dataclasses.replace(original, strategy=strategy)
+            resumed = serve(grid, task, ServerRun(checkpoint_dir=str(tmp_path)))
+            assert [r.round for r in resumed.history] == [1, 2]
+            # (not bit for bit: Flower samples the nodes, and so orders the sum, at random)
+            assert_close(flatten_params(resumed.params), flatten_params(straight.params))
+    finally:
+        task.config, task.options = original, options
+    mine, avg = flatten_params(straight.params), flatten_params(fedavg.params)
+    assert max(float(np.abs(mine[k] - avg[k]).max()) for k in mine) > 1e-3  # not FedAvg
+
+
+def faulty_mod(msg, context, call_next):
+    """Client 1 always raises; client 3 raises in round 2; client 2 sends NaN in round 1 and
+    a wrongly shaped array in round 2 (a Flower mod, run inside the Ray actors)."""
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    cid = int(context.node_config["partition-id"])
+    round_ = int(msg.content["config"]["server-round"])
+    if cid == 1 or (cid == 3 and round_ == 2):
+        raise RuntimeError(f"client {cid} lost its disk")
+    reply = call_next(msg, context)
+    if cid == 2:
+        arrays = reply.content["arrays"]
+        key = "query_tower/pooler/kernel"
+        value = arrays[key].numpy()
+        arrays[key] = Array(np.full_like(value, np.nan) if round_ == 1 else value[:-1])
+    return reply
+
+
+def test_faulty_clients_are_left_out_and_reported(compile_cache):
+    task = make_task(4, eval_data=False)
+    result = task.run_flower(record_client_params=True, actor_env=compile_cache,
+                             mods=[faulty_mod])
+    first, second = result.history
+    # round 1: client 1 raised, client 2 sent NaN; 0 and 3 (>= min_clients=2) aggregated
+    assert first.aggregated
+    assert sorted(c.client_id for c in first.clients) == [0, 3]
+    assert [f["client_id"] for f in first.failed] == [1]
+    assert "client 1 lost its disk" in first.failed[0]["reason"]
+    assert [r["client_id"] for r in first.rejected] == [2]
+    assert "non-finite" in first.rejected[0]["reason"]
+    sizes = {c.client_id: c.num_examples for c in first.clients}
+    averaged = weighted_average([first.client_params[0], first.client_params[3]],
+                                [sizes[0], sizes[3]])
+    # round 2: only client 0 is valid (< min_clients): the global params are kept
+    assert not second.aggregated and "fewer than min_clients=2" in second.note
+    assert sorted(f["client_id"] for f in second.failed) == [1, 3]
+    assert [r["client_id"] for r in second.rejected] == [2]
+    assert "has shape" in second.rejected[0]["reason"]
+    assert [c.client_id for c in second.clients] == [0]
+    assert_close(flatten_params(result.params), averaged)
+
+
+# --- the SPMD simulator -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spmd4():
+    task = make_task(4, eval_data=False)
+    sim = SpmdSimulator(task, devices_per_client=2)
+    task._simulators[(None, 2, None)] = sim  # run_spmd(devices_per_client=2) reuses it
+    return task, sim
+
+
+def test_spmd_lays_each_client_on_its_own_two_devices(spmd4):
+    task, sim = spmd4
+    assert dict(sim.mesh.shape) == {"clients": 4, "data": 2, "fsdp": 1, "tensor": 1}
+    params = jax.device_put(task.initial_params(), sim.params_sharding)
+    stacked = sim.init(params, jnp.arange(4, dtype=jnp.int32), jnp.asarray(0, jnp.int32))
+    batch = sim.put_batch({k: np.stack([d.batch_at(0, 0)[k] for d in task.client_data])
+                           for k in task.client_data[0].batch_at(0, 0)})
+    leaves = jax.tree.leaves(stacked.params) + jax.tree.leaves(stacked.opt_state) \
+        + list(batch.values())
+    for leaf in leaves:
+        assert leaf.shape[0] == 4
+        for c in range(4):
+            assert slice_devices(leaf, c) == devices_of_group(sim.mesh, c)
+            assert len(devices_of_group(sim.mesh, c)) == 2
+    # inside a client's slice, its batch is split over its 2 devices (data parallel)
+    ids = batch["query_ids"]
+    assert ids.sharding.spec == jax.sharding.PartitionSpec("clients", "data")
+    assert {s.data.shape for s in ids.addressable_shards} == {(1, 2, ids.shape[2])}
+
+
+def test_spmd_equals_single_client_runs_then_fedavg(spmd4):
+    task, _ = spmd4
+    result = task.run_spmd(devices_per_client=2, record_client_params=True)
+    sizes = [d.n for d in task.client_data]
+    global_params = task.initial_params()
+    structure = jax.tree.structure(global_params)
+    keys = list(flatten_params(global_params))
+    for record in result.history:
+        flats = []
+        for cid in range(4):
+            params, metrics = task.client_update(cid, global_params, record.round)
+            flats.append(flatten_params(params))
+            assert_close(flats[-1], record.client_params[cid])
+            assert record.losses()[cid] == pytest.approx(metrics["train_loss"], rel=1e-4)
+        averaged = weighted_average(flats, sizes)
+        global_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.tree.unflatten(
+            structure, [averaged[k] for k in keys]))
+    assert_close(flatten_params(result.params), flatten_params(global_params))
+    merged = task.model_with(result.params)  # the model a caller gets back
+    assert_close(flatten_params(nnx.state(merged, QUERY_TOWER)), flatten_params(result.params),
+                 atol=0)
+
+
+def test_spmd_resumes_after_the_last_completed_round(spmd4, tmp_path):
+    task, _ = spmd4
+    straight = task.run_spmd(devices_per_client=2)
+    full = task.config
+    try:
+        task.config = dataclasses.replace(full, rounds=1)
+        first = task.run_spmd(devices_per_client=2, checkpoint_dir=str(tmp_path))
+        assert [r.round for r in first.history] == [1]
+        task.config = full
+        resumed = task.run_spmd(devices_per_client=2, checkpoint_dir=str(tmp_path))
+    finally:
+        task.config = full
+    assert [r.round for r in resumed.history] == [1, 2]
+    assert resumed.history[0].losses() == pytest.approx(first.history[0].losses())
+    assert_close(flatten_params(resumed.params), flatten_params(straight.params), atol=1e-6)
+
+
+def test_spmd_rejects_a_diverged_client(spmd4):
+    task, sim = spmd4
+    poisoned = lsr_dataset(task.client_data[2].n, 7)
+    poisoned.arrays["passage_emb"] = np.full_like(poisoned.arrays["passage_emb"], np.nan)
+    original = task.client_data[2]
+    task.client_data[2] = poisoned
+    try:
+        result = task.run_spmd(devices_per_client=2)
+    finally:
+        task.client_data[2] = original
+    for record in result.history:
+        assert [r["client_id"] for r in record.rejected] == [2]
+        assert "non-finite" in record.rejected[0]["reason"]
+        assert sorted(c.client_id for c in record.clients) == [0, 1, 3]
+    assert all(np.isfinite(v).all() for v in flatten_params(result.params).values())
+

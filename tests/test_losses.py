@@ -49,7 +49,7 @@ def test_lsr_gradient_flows_only_into_retrieval_scores():
     rng = np.random.default_rng(1)
     scores = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
     lm = jnp.asarray(rng.normal(size=(3, 4)) * 5, jnp.float32)
-    g_scores, g_lm = jax.grad(lambda s, l: lsr_loss(s, l), argnums=(0, 1))(scores, lm)
+    g_scores, g_lm = jax.grad(lambda s, lm_: lsr_loss(s, lm_), argnums=(0, 1))(scores, lm)
     assert np.abs(np.asarray(g_scores)).max() > 1e-3
     assert np.all(np.asarray(g_lm) == 0.0)
     # analytic gradient of KL(Q || softmax(s)) w.r.t. s is (P - Q) / B

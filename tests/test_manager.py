@@ -52,3 +52,31 @@ def test_manager_both_modes_train_and_report(tmp_path):
     for phase in ("lsr", "ralt"):
         assert (run / phase / "metrics.jsonl").is_file()
         assert (run / phase / "loss.png").is_file()
+
+
+def test_manager_federated_is_one_setting(tmp_path):
+    """federated=true: the same manager, LSR then RALT on 2 clients of the SPMD engine."""
+    retriever, store, generator, records = tiny_rag_parts(tmp_path)
+    for i, r in enumerate(records):
+        r["gold_id"] = f"p{i}"
+    config = load_config(None, [
+        "mode=both", "federated=true", f"output_dir={tmp_path / 'run'}", "progress=false",
+        "lsr.batch_size=2", "lsr.max_length=128", "lsr.learning_rate=1e-3",
+        "ralt.batch_size=1", "ralt.lora_rank=4", "ralt.max_length=128", "retrieval.top_k=2",
+        "fed.num_clients=2", "fed.rounds=1", "fed.local_steps=2", "fed.partition=iid",
+        "fed.min_clients=2", "fed.engine=spmd"])
+    rag = RAGSystem(retriever, store, generator,
+                    RAGConfig(top_k=2, prompt_template="w4 {context} w5 {query} w6"),
+                    max_new_tokens=4)
+    q_before = jax.tree.map(np.asarray, nnx.state(retriever.query_encoder, nnx.Param))
+    manager = FinetuneManager(rag, records, records[:3], config,
+                              mesh=make_mesh(None, jax.devices()[:1]))
+    results = manager.train()
+    assert {"before", "after_federated", "federated_history"} <= set(results)
+    for method in ("lsr", "ralt"):
+        (round1,) = results["federated_history"][method]["rounds"]
+        assert len(round1["clients"]) == 2
+        assert all(np.isfinite(c["train_loss"]) for c in round1["clients"])
+    q_after = jax.tree.map(np.asarray, nnx.state(rag.retriever.query_encoder, nnx.Param))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(q_before),
+                                                        jax.tree.leaves(q_after), strict=True))

@@ -69,6 +69,25 @@ class RAGSystem:
     def query(self, query: str, **generate_kwargs) -> RAGResponse:
         return self.batch_query([query], **generate_kwargs)[0]
 
+    # --- the application frameworks ---------------------------------------------------------
+    def to_llamaindex(self, **kwargs):
+        """A LlamaIndex query engine over this system (extra ``llamaindex``)."""
+        from .bridges import to_llamaindex
+
+        return to_llamaindex(self, **kwargs)
+
+    def to_langchain(self, **kwargs):
+        """A LangChain runnable: {"answer", "source_documents"} (extra ``langchain``)."""
+        from .bridges import to_langchain
+
+        return to_langchain(self, **kwargs)
+
+    def to_haystack(self, **kwargs):
+        """A Haystack pipeline: retriever -> prompt -> generator (extra ``haystack``)."""
+        from .bridges import to_haystack
+
+        return to_haystack(self, **kwargs)
+
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write the whole system atomically; the store is persisted as it is."""

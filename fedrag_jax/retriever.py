@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -103,6 +104,8 @@ class DualEncoder:
                 batch = shard_batch({"ids": ids, "mask": mask}, self.mesh)
                 ids, mask = batch["ids"], batch["mask"]
             emb = _encode(graphdef, state, ids, mask)
+            if not emb.is_fully_addressable:  # a mesh across hosts: gather every row here
+                emb = multihost_utils.process_allgather(emb, tiled=True)
             out[chunk] = np.asarray(emb)[: len(chunk)]
             bar.update(len(chunk))
         bar.close()

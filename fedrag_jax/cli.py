@@ -108,6 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .finetune.manager import FinetuneManager
 
     config = load_config(args.config, args.overrides)
+    if config.distributed:  # every host runs this same command; JAX finds its peers
+        import jax
+
+        jax.distributed.initialize()
     manager = FinetuneManager.from_config(config)
     results = manager.train()
     print(json.dumps(results, indent=2))

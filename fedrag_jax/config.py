@@ -129,6 +129,7 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept
     progress: bool = True  # progress bars
+    distributed: bool = False  # call jax.distributed.initialize() first (multi-host TPU/GPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -23,7 +23,7 @@ from .sharding import make_mesh
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {  # about 15 minutes on a 2-core CPU
         "mode": "both", "output_dir": "reports/demo/runs", "checkpoint_every": 0,
-        "model": {"retriever_max_length": 96},
+        "model": {"retriever_max_length": 64},
         "data": {"num_train": 48, "num_eval": 48},
         "retrieval": {"top_k": 3, "max_context_tokens": 64, "max_new_tokens": 12},
         "lsr": {"steps": 12, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 2,
@@ -91,7 +91,9 @@ def run_demo(preset: str = "quick", out_dir: str | Path = "reports/demo",
     rag.generator.model = untuned[2]
     t = time.perf_counter()
     fed_config = demo_config(preset, list(overrides or []) + ["federated=true"], str(out))
-    federated = FinetuneManager(rag, train, dev, fed_config, mesh=mesh)
+    # same untuned models and records: the LM-scored LSR dataset is reused, not rebuilt
+    federated = FinetuneManager(rag, train, dev, fed_config, mesh=mesh,
+                                dataset_cache=central.dataset_cache)
     federated.train_federated()
     timings["train_federated"] = time.perf_counter() - t
     federated.evaluate("federated")

@@ -82,7 +82,7 @@ def load_train_eval_records(config: Config, corpus: list[dict]) -> tuple[list[di
 
 class FinetuneManager:
     def __init__(self, rag: RAGSystem, train_records: list[dict], eval_records: list[dict],
-                 config: Config, *, mesh=None):
+                 config: Config, *, mesh=None, dataset_cache: dict | None = None):
         self.rag = rag
         self.train_records = load_records(train_records)
         self.eval_records = list(eval_records)
@@ -90,6 +90,9 @@ class FinetuneManager:
         self.mesh = mesh if mesh is not None else make_mesh(vars(config.mesh))
         self.output_dir = Path(config.output_dir)
         self.results: dict[str, Any] = {}
+        # LSR datasets are costly (every (query, passage) pair is LM-scored) and depend only
+        # on the records and the models that built them: managers may share this cache.
+        self.dataset_cache = {} if dataset_cache is None else dataset_cache
 
     @classmethod
     def from_config(cls, config: Config) -> FinetuneManager:
@@ -134,6 +137,16 @@ class FinetuneManager:
 
     # --- LSR -------------------------------------------------------------------------------
     def lsr_dataset(self, records: list[dict]):
+        lsr, rag = self.config.lsr, self.rag
+        key = ("lsr", tuple((r["query"], r["response"]) for r in records), repr(lsr),
+               rag.config.top_k, rag.config.prompt_template)
+        models = (rag.retriever.query_encoder, rag.generator.model, rag.store)
+        cached = self.dataset_cache.get(key)
+        if cached is None or any(a is not b for a, b in zip(cached[0], models, strict=True)):
+            cached = self.dataset_cache[key] = (models, self._build_lsr_dataset(records))
+        return cached[1]
+
+    def _build_lsr_dataset(self, records: list[dict]):
         c, lsr, rag = self.config, self.config.lsr, self.rag
         return build_lsr_dataset(
             records, rag.retriever, rag.store, rag.generator, top_k=rag.config.top_k,

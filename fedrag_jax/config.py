@@ -70,6 +70,9 @@ class LSRConfig:
     max_length: int = 384  # prompt + answer tokens when the generator scores a passage
     score_batch_size: int = 16  # (query, passage) pairs per generator scoring forward
     train_context: bool = False  # also train the context tower (then re-index)
+    # candidates per query (default: retrieval.top_k); more let LSR lift good passages from
+    # below the cut into the top k
+    top_k: int | None = None  # candidates per query (default: retrieval.top_k)
 
 
 @dataclass

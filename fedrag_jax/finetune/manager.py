@@ -139,7 +139,7 @@ class FinetuneManager:
     def lsr_dataset(self, records: list[dict]):
         lsr, rag = self.config.lsr, self.rag
         key = ("lsr", tuple((r["query"], r["response"]) for r in records), repr(lsr),
-               rag.config.top_k, rag.config.prompt_template)
+               rag.config.top_k, rag.config.prompt_template, rag.max_context_tokens)
         models = (rag.retriever.query_encoder, rag.generator.model, rag.store)
         cached = self.dataset_cache.get(key)
         if cached is None or any(a is not b for a, b in zip(cached[0], models, strict=True)):
@@ -149,8 +149,9 @@ class FinetuneManager:
     def _build_lsr_dataset(self, records: list[dict]):
         c, lsr, rag = self.config, self.config.lsr, self.rag
         return build_lsr_dataset(
-            records, rag.retriever, rag.store, rag.generator, top_k=rag.config.top_k,
-            batch_size=lsr.batch_size, template=rag.config.prompt_template,
+            records, rag.retriever, rag.store, rag.generator,
+            top_k=lsr.top_k or rag.config.top_k, batch_size=lsr.batch_size,
+            template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
             score_batch_size=lsr.score_batch_size, reduction=lsr.lm_reduction, seed=c.seed,
             progress=c.progress)

@@ -97,3 +97,27 @@ def test_lsr_dataset_scores_every_pair_with_the_generator(parts):
     prompts = [TEMPLATE.format(context=n.text, query=records[0]["query"]) for n in nodes]
     expected = generator.score(prompts, [" " + records[0]["response"] + " <eos>"] * 3)
     np.testing.assert_allclose(data.arrays["lm_logprobs"][0], expected, atol=1e-4)
+
+
+def test_train_context_reaches_the_context_tower(parts):
+    import jax
+    from flax import nnx
+
+    from fedrag_jax.finetune.optimizer import OptimizerConfig, make_optimizer
+    from fedrag_jax.finetune.steps import Towers, TrainState, lsr_step
+
+    retriever, store, generator, records = parts
+    data = build_lsr_dataset(records, retriever, store, generator, top_k=3, batch_size=4,
+                             template=TEMPLATE, progress=False, passage_tokens=True)
+    batch = data.batch_at(0, 0)
+    assert batch["passage_ids"].shape[:2] == (4, 3)
+    assert batch["passage_mask"].sum() > 0
+    towers = Towers(nnx.clone(retriever.query_encoder), nnx.clone(retriever.query_encoder))
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=5))
+    state = TrainState.create(towers, tx, nnx.Param)
+    before = jax.tree.map(np.asarray, state.params["context_tower"])
+    state, metrics = jax.jit(lsr_step)(state, batch)
+    after = jax.tree.map(np.asarray, state.params["context_tower"])
+    assert np.isfinite(float(metrics["loss"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                        jax.tree.leaves(after), strict=True))

@@ -122,6 +122,18 @@ def target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
             "target_ids": target, "target_mask": tmask}
 
 
+def right_pad(rows: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):
+    """Right-padded ids and mask (as encoders expect) at the bucket of the longest row."""
+    length = bucket_length(max(len(r) for r in rows), buckets)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        r = list(r)[:length]
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
 # --- datasets with a deterministic order -----------------------------------------------------
 class _Epochs:
     """Shuffled, fixed-size batches over ``n`` examples; the last one padded with masks."""
@@ -166,8 +178,14 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
                       max_length: int = 512, max_passage_tokens: int | None = None,
                       score_batch_size: int = 32,
                       reduction: str = "sum", seed: int = 0, progress: bool = True,
-                      query_length_buckets: Sequence[int] = (16, 32, 64, 128)) -> LSRDataset:
-    """Retrieve top-k for every query, then score every (query, passage) pair with the LM."""
+                      query_length_buckets: Sequence[int] = (16, 32, 64, 128),
+                      passage_tokens: bool = False) -> LSRDataset:
+    """Retrieve top-k for every query, then score every (query, passage) pair with the LM.
+
+    ``passage_tokens``: also carry the passages' retriever tokens (``passage_ids``,
+    ``passage_mask`` [N, k, L]) so that the step re-encodes them with the context tower and
+    the gradient reaches it (``lsr.train_context``).
+    """
     records = load_records(records)
     queries = [r["query"] for r in records]
     q_emb = retriever.encode_query(queries, progress=progress)
@@ -196,16 +214,15 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
         bar.update(len(chunk))
     bar.close()
 
-    q_tokens = retriever.tokenize(queries)
-    q_len = bucket_length(max(len(t) for t in q_tokens), query_length_buckets)
-    q_ids = np.full((len(records), q_len), retriever.tokenizer.pad_token_id or 0, np.int32)
-    q_mask = np.zeros((len(records), q_len), bool)
-    for i, t in enumerate(q_tokens):
-        t = t[:q_len]
-        q_ids[i, :len(t)] = t
-        q_mask[i, :len(t)] = True
+    pad = retriever.tokenizer.pad_token_id or 0
+    q_ids, q_mask = right_pad(retriever.tokenize(queries), query_length_buckets, pad)
     arrays = {"query_ids": q_ids, "query_mask": q_mask, "passage_emb": emb,
               "lm_logprobs": logprobs.reshape(len(records), top_k).astype(np.float32)}
+    if passage_tokens:
+        p_ids, p_mask = right_pad(retriever.tokenize([nodes[i].text for i in flat_ids]),
+                                  (retriever.max_length,), pad)
+        arrays["passage_ids"] = p_ids.reshape(len(records), top_k, -1)
+        arrays["passage_mask"] = p_mask.reshape(len(records), top_k, -1)
     return LSRDataset(arrays, ids, batch_size=batch_size, seed=seed)
 
 

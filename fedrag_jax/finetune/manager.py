@@ -154,7 +154,7 @@ class FinetuneManager:
             template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
             score_batch_size=lsr.score_batch_size, reduction=lsr.lm_reduction, seed=c.seed,
-            progress=c.progress)
+            progress=c.progress, passage_tokens=lsr.train_context)
 
     def lsr_model(self) -> tuple[Towers, Any, OptimizerConfig]:
         """The towers to train, the trainable filter and the optimizer settings.

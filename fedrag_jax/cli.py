@@ -114,8 +114,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         jax.distributed.initialize()
     manager = FinetuneManager.from_config(config)
     results = manager.train()
+    saved = manager.rag.save_pretrained(Path(config.output_dir) / "rag")
     print(json.dumps(results, indent=2))
-    print(f"run written to {config.output_dir}")
+    print(f"run written to {config.output_dir}; tuned system in {saved} "
+          f"(`fedrag-jax export --system {saved} --out DIR` for HF folders)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Tuned retriever -> sentence-transformers folder(s); generator -> HF causal LM folder."""
+    from .rag import RAGSystem
+
+    system = RAGSystem.from_pretrained(args.system)
+    out = Path(args.out)
+    r = system.retriever
+    r.query_encoder.save_pretrained(out / "retriever", tokenizer=r.tokenizer)
+    if r.context_encoder is not None:
+        r.context_encoder.save_pretrained(out / "context_retriever", tokenizer=r.tokenizer)
+    system.generator.model.save_pretrained(out / "generator", tokenizer=system.generator.tokenizer)
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 
 
@@ -175,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. lsr.steps=10 mesh.data=2")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="HF folders from a saved RAG system",
+                       description=cmd_export.__doc__)
+    p.add_argument("--system", required=True,
+                   help="a RAGSystem folder (written by `fedrag-jax train` under output_dir/rag)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="end-to-end demo on the bundled models and corpus",
                        description="Index the bundled Wikipedia summaries, evaluate the "

@@ -56,3 +56,16 @@ def test_save_and_load_gives_identical_results(system, tmp_path):
                                    [s.score for s in y.source_nodes], rtol=1e-5)
     with pytest.raises(CheckpointNotFoundError):
         RAGSystem.from_pretrained(tmp_path)
+
+
+def test_cli_export_writes_hf_folders(system, tmp_path):
+    import transformers
+
+    from fedrag_jax.cli import main
+
+    rag, _ = system
+    rag.save_pretrained(tmp_path / "sys")
+    assert main(["export", "--system", str(tmp_path / "sys"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "retriever" / "modules.json").is_file()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "generator")
+    assert model.config.num_hidden_layers == rag.generator.model.config.num_layers

@@ -173,7 +173,7 @@ class FinetuneManager:
         for start in range(0, len(queries), chunk):
             part = queries[start:start + chunk]
             padded = part + [part[-1]] * (chunk - len(part))
-            answers += [r.response for r in rag.batch_query(padded)][: len(part)]
+            answers += [r.answer for r in rag.batch_query(padded)][: len(part)]
         rows = []
         for r, answer in zip(records, answers, strict=True):
             golds = list(r.get("answers") or [r["response"]])

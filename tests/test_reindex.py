@@ -19,6 +19,8 @@ from fedrag_jax.sharding import make_mesh
 from fedrag_jax.types import RAGConfig
 from tests.helpers import tiny_rag_parts
 
+REAL_BUILD = manager_mod.build_lsr_dataset  # before any spy wraps it
+
 
 def embeddings(store) -> np.ndarray:
     return np.stack([n.embedding for n in store.get(store.node_ids())])
@@ -38,7 +40,7 @@ def setup(tmp_path, monkeypatch, *overrides):
                     max_new_tokens=4)
     texts = [n.text for n in store.get(store.node_ids())]
     builds = []  # per LSR dataset build: the store it retrieved from, and what it saw
-    real = manager_mod.build_lsr_dataset
+    real = REAL_BUILD
 
     def spy(records, retriever, store, generator, **kw):
         data = real(records, retriever, store, generator, **kw)
@@ -115,3 +117,44 @@ def test_negative_reindex_every_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="reindex_every"):
         FinetuneManager(RAGSystem(retriever, store, generator), records, [], config,
                         mesh=make_mesh(None, jax.devices()[:1]))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_rebuilds_the_refreshed_store_and_ends_exact(tmp_path, monkeypatch):
+    """Interrupted after the step-2 checkpoint (a refresh step), the resumed run re-indexes from
+    the restored towers and ends with the same store and towers as an unbroken run."""
+    from flax import nnx
+
+    from fedrag_jax.finetune.reindex import IndexRefresher
+
+    settings = ("lsr.steps=4", "lsr.train_context=true", "lsr.reindex_every=2",
+                "checkpoint_every=2")
+    full, full_rag, *_ = setup(tmp_path / "full", monkeypatch, *settings)
+    full.train_retriever()
+
+    real_call = IndexRefresher.__call__
+
+    def interrupt_at_3(self, step, state, metrics):
+        if step == 3:
+            raise Interrupt
+        return real_call(self, step, state, metrics)
+
+    monkeypatch.setattr(IndexRefresher, "__call__", interrupt_at_3)
+    broken, _, *_ = setup(tmp_path / "split", monkeypatch, *settings)
+    with pytest.raises(Interrupt):
+        broken.train_retriever()
+    monkeypatch.setattr(IndexRefresher, "__call__", real_call)
+    resumed, rag, store, _, builds = setup(tmp_path / "split", monkeypatch, *settings)
+    resumed.train_retriever()
+    # the initial dataset, and the one the resume rebuilt from the step-2 towers
+    assert len(builds) == 2 and builds[1]["store"] is not store
+    records = read_metrics(tmp_path / "split" / "run" / "lsr" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "reindex"] == [2, 4]
+    np.testing.assert_array_equal(embeddings(rag.store), embeddings(full_rag.store))
+    for a, b in zip(jax.tree.leaves(nnx.state(rag.retriever.query_encoder, nnx.Param)),
+                    jax.tree.leaves(nnx.state(full_rag.retriever.query_encoder, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -96,3 +96,21 @@ def build_index(corpus: Sequence[dict], retriever: DualEncoder, out_dir: str | o
             {"retriever": str(retriever_path), "generator": str(generator_path),
              "passages": store.count, "store_type": type(store).__name__}, indent=2))
     return store
+
+
+def reencode_store(store: KnowledgeStore, retriever: DualEncoder, *, backend: str = "auto",
+                   progress: bool = False) -> KnowledgeStore:
+    """A new store of the same nodes (ids, texts, metadata, metric) whose embeddings come from
+    ``retriever``'s context tower, with its index rebuilt: what a store needs once the context
+    tower has trained. An exact store keeps its mesh."""
+    ids = store.node_ids()
+    nodes = store.get(ids)
+    embeddings = retriever.encode_context([n.text for n in nodes], progress=progress)
+    extra: dict[str, Any] = {}
+    if getattr(store, "mesh", None) is not None:
+        extra["mesh"] = store.mesh
+    new = default_store(embeddings.shape[1], store.metric, backend=backend,
+                        embedding_model=retriever.name or store.embedding_model,
+                        embedding_model_hash=model_fingerprint(retriever), **extra)
+    new.add_arrays(ids, embeddings, [n.text for n in nodes], [n.metadata for n in nodes])
+    return new

@@ -179,12 +179,16 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
                       score_batch_size: int = 32,
                       reduction: str = "sum", seed: int = 0, progress: bool = True,
                       query_length_buckets: Sequence[int] = (16, 32, 64, 128),
-                      passage_tokens: bool = False) -> LSRDataset:
+                      passage_tokens: bool = False,
+                      lm_scores: dict[tuple[str, str, str], float] | None = None) -> LSRDataset:
     """Retrieve top-k for every query, then score every (query, passage) pair with the LM.
 
     ``passage_tokens``: also carry the passages' retriever tokens (``passage_ids``,
     ``passage_mask`` [N, k, L]) so that the step re-encodes them with the context tower and
     the gradient reaches it (``lsr.train_context``).
+    ``lm_scores``: log p_LM by (query, response, passage id), read and filled in: the
+    generator is frozen during LSR, so a re-retrieval after an index refresh only scores
+    the pairs it has not seen (same template, lengths and reduction assumed).
     """
     records = load_records(records)
     queries = [r["query"] for r in records]
@@ -197,15 +201,22 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
 
     prompts = PromptBuilder(generator, template, max_passage_tokens)
     targets = prompts.target_ids([r["response"] for r in records])
-    pair_prompts, pair_targets = [], []
-    for r, row, target in zip(records, ids, targets, strict=True):
+    keys = [(r["query"], r["response"], str(i)) for r, row in zip(records, ids, strict=True)
+            for i in row]
+    known = {} if lm_scores is None else lm_scores
+    logprobs = np.array([known.get(key, np.nan) for key in keys], np.float64)
+    pair_prompts, pair_targets = {}, {}  # flat pair index -> tokens, for unscored pairs only
+    for q, (r, row, target) in enumerate(zip(records, ids, targets, strict=True)):
+        if not np.isnan(logprobs[q * top_k:(q + 1) * top_k]).any():
+            continue
         left, right = prompts.parts(r["query"])
         passages = prompts.passage_ids([nodes[str(i)].text for i in row])
-        for passage in passages:
-            pair_prompts.append(assemble(left, passage, right, target, max_length))
-            pair_targets.append(target)
-    logprobs = np.zeros(len(pair_prompts), np.float64)
-    order = np.argsort([len(p) for p in pair_prompts])  # similar lengths share a bucket
+        for j, passage in enumerate(passages):
+            pair_prompts[q * top_k + j] = assemble(left, passage, right, target, max_length)
+            pair_targets[q * top_k + j] = target
+    todo = [p for p in pair_prompts if np.isnan(logprobs[p])]
+    # similar lengths share a bucket
+    order = [todo[i] for i in np.argsort([len(pair_prompts[p]) for p in todo])]
     bar = tqdm(total=len(order), desc="LM-scoring passages", unit="pair", disable=not progress)
     for start in range(0, len(order), score_batch_size):
         chunk = order[start:start + score_batch_size]
@@ -213,6 +224,8 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
                                               [pair_targets[i] for i in chunk], reduction)
         bar.update(len(chunk))
     bar.close()
+    if lm_scores is not None:
+        lm_scores.update({keys[p]: float(logprobs[p]) for p in order})
 
     pad = retriever.tokenizer.pad_token_id or 0
     q_ids, q_mask = right_pad(retriever.tokenize(queries), query_length_buckets, pad)

@@ -9,21 +9,25 @@ It owns the RAG system, the train/dev records and the mesh; each phase builds it
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
 from .. import assets
 from ..config import Config
+from ..errors import ConfigError
 from ..evals.benchmarker import Benchmarker
 from ..evals.benchmarks import BenchmarkExample
+from ..evals.metrics import exact_match, token_f1
 from ..generator import Generator
-from ..indexing import build_store, load_corpus
+from ..indexing import build_store, load_corpus, reencode_store
 from ..knowledge_store import load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
 from ..qa_data import make_qa_pairs
@@ -33,7 +37,17 @@ from ..sharding import make_mesh
 from ..types import RAGConfig
 from .batches import build_lsr_dataset, build_ralt_dataset, load_records
 from .optimizer import OptimizerConfig, make_optimizer
-from .steps import QUERY_TOWER, Towers, TrainState, compile_step, lsr_step, place_state, ralt_step
+from .reindex import IndexRefresher
+from .steps import (
+    QUERY_TOWER,
+    Towers,
+    TrainState,
+    compile_step,
+    lsr_step,
+    place_state,
+    ralt_objective,
+    ralt_step,
+)
 from .trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -93,6 +107,12 @@ class FinetuneManager:
         # LSR datasets are costly (every (query, passage) pair is LM-scored) and depend only
         # on the records and the models that built them: managers may share this cache.
         self.dataset_cache = {} if dataset_cache is None else dataset_cache
+        for key in ("eval_generate_max",):
+            if getattr(config, key) < 1:
+                raise ConfigError(f"{key}={getattr(config, key)}: answer at least 1 question")
+        if config.lsr.reindex_every < 0:
+            raise ConfigError(f"lsr.reindex_every={config.lsr.reindex_every}: use 0 (only "
+                              "after the last step) or a positive number of steps")
 
     @classmethod
     def from_config(cls, config: Config) -> FinetuneManager:
@@ -135,6 +155,49 @@ class FinetuneManager:
         return float(np.mean([g in set(map(str, row)) for g, row in zip(gold_ids, ids,
                                                                          strict=True)]))
 
+    def generation_metrics(self, retriever: DualEncoder, generator: Generator,
+                           records: list[dict], out_file: Path | None = None,
+                           chunk: int = 8) -> dict[str, float]:
+        """SQuAD EM / token F1 of the answers that ``retriever`` + ``generator`` (over the
+        current store) generate for ``records`` (gold: ``answers`` or ``response``).
+
+        Queries go in fixed chunks (the last one padded by repetition) so that repeated
+        evaluations reuse one compiled decode per prompt-length bucket. ``out_file``: the
+        answers as JSONL, one {query, answer, golds, exact_match, f1} per record.
+        """
+        rag = RAGSystem(retriever, self.rag.store, generator, self.rag.config,
+                        max_new_tokens=self.rag.max_new_tokens,
+                        max_context_tokens=self.rag.max_context_tokens)
+        queries = [r["query"] for r in records]
+        answers: list[str] = []
+        for start in range(0, len(queries), chunk):
+            part = queries[start:start + chunk]
+            padded = part + [part[-1]] * (chunk - len(part))
+            answers += [r.answer for r in rag.batch_query(padded)][: len(part)]
+        rows = []
+        for r, answer in zip(records, answers, strict=True):
+            golds = list(r.get("answers") or [r["response"]])
+            rows.append({"query": r["query"], "answer": answer, "golds": golds,
+                         "exact_match": exact_match(answer, golds), "f1": token_f1(answer, golds)})
+        if out_file is not None:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return {"exact_match": float(np.mean([row["exact_match"] for row in rows])),
+                "f1": float(np.mean([row["f1"] for row in rows]))}
+
+    def _generate_in_eval(self, phase: str) -> bool:
+        flag = self.config.eval_generate
+        return phase == "ralt" if flag is None else flag
+
+    def _retriever_of(self, towers: Towers) -> DualEncoder:
+        """A DualEncoder over (training) towers, with the RAG retriever's settings."""
+        r = self.rag.retriever
+        return DualEncoder(towers.query_tower, r.tokenizer, towers.context_tower,
+                           max_length=r.max_length, batch_size=r.batch_size,
+                           length_buckets=r.length_buckets, mesh=self.mesh,
+                           query_prefix=r.query_prefix, context_prefix=r.context_prefix,
+                           name=r.name)
+
     # --- LSR -------------------------------------------------------------------------------
     def lsr_dataset(self, records: list[dict]):
         lsr, rag = self.config.lsr, self.rag
@@ -146,15 +209,16 @@ class FinetuneManager:
             cached = self.dataset_cache[key] = (models, self._build_lsr_dataset(records))
         return cached[1]
 
-    def _build_lsr_dataset(self, records: list[dict]):
+    def _build_lsr_dataset(self, records: list[dict], retriever: DualEncoder | None = None,
+                           lm_scores: dict | None = None):
         c, lsr, rag = self.config, self.config.lsr, self.rag
         return build_lsr_dataset(
-            records, rag.retriever, rag.store, rag.generator,
+            records, retriever or rag.retriever, rag.store, rag.generator,
             top_k=lsr.top_k or rag.config.top_k, batch_size=lsr.batch_size,
             template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
             score_batch_size=lsr.score_batch_size, reduction=lsr.lm_reduction, seed=c.seed,
-            progress=c.progress, passage_tokens=lsr.train_context)
+            progress=c.progress, passage_tokens=lsr.train_context, lm_scores=lm_scores)
 
     def lsr_model(self) -> tuple[Towers, Any, OptimizerConfig]:
         """The towers to train, the trainable filter and the optimizer settings.
@@ -171,19 +235,23 @@ class FinetuneManager:
             total_steps=lsr.steps, weight_decay=lsr.weight_decay,
             max_grad_norm=lsr.max_grad_norm)
 
-    def install_retriever(self, towers: Towers) -> None:
-        c, rag = self.config, self.rag
+    def install_retriever(self, towers: Towers, *, reindex: bool = True) -> None:
+        """Put trained towers into the RAG system; with ``lsr.train_context`` the store is
+        re-encoded by the new context tower (unless ``reindex=False``: already done)."""
+        rag = self.rag
         rag.retriever.query_encoder = towers.query_tower
         rag.retriever.context_encoder = towers.context_tower
-        if c.lsr.train_context:  # the store's embeddings came from the old context tower
-            ids = rag.store.node_ids()
-            corpus = [{"id": i, "text": n.text, "metadata": n.metadata}
-                      for i, n in zip(ids, rag.store.get(ids), strict=True)]
-            rag.store = build_store(corpus, rag.retriever, backend=c.retrieval.backend,
-                                    progress=c.progress)
+        if reindex and self.config.lsr.train_context:
+            self.reindex_store(towers)
+
+    def reindex_store(self, towers: Towers) -> None:
+        """Re-encode the store's passages with ``towers.context_tower``, rebuild its index."""
+        c = self.config
+        self.rag.store = reencode_store(self.rag.store, self._retriever_of(towers),
+                                        backend=c.retrieval.backend, progress=c.progress)
 
     def train_retriever(self) -> TrainState:
-        c, lsr, retriever = self.config, self.config.lsr, self.rag.retriever
+        c, lsr = self.config, self.config.lsr
         data = self.lsr_dataset(self.train_records)
         towers, trainable, opt = self.lsr_model()
         state = place_state(TrainState.create(towers, make_optimizer(opt), trainable,
@@ -191,19 +259,87 @@ class FinetuneManager:
         step = compile_step(lsr_step, state, data.batch_at(0, 0), self.mesh,
                             tau_retrieval=lsr.tau_retrieval, tau_lm=lsr.tau_lm,
                             micro_batches=lsr.micro_batches)
-        dev = [r for r in self.eval_records if r.get("gold_id")]
+        refresher = None
+        if lsr.train_context:  # the store follows the context tower (REPLUG-style refresh)
+            lm_scores = {(r["query"], r["response"], str(p)): float(s) for r, ids, lps in zip(
+                self.train_records, data.passage_ids, data.arrays["lm_logprobs"], strict=True)
+                for p, s in zip(ids, lps, strict=True)}
+            refresher = IndexRefresher(
+                data, every=lsr.reindex_every, total_steps=lsr.steps, reindex=self.reindex_store,
+                rebuild=lambda towers: self._build_lsr_dataset(
+                    self.train_records, self._retriever_of(towers), lm_scores))
+        trainer = Trainer(state, step, refresher or data, self._trainer_config("lsr", lsr.steps),
+                          eval_fn=self._eval_fn("lsr"), mesh=self.mesh,
+                          hooks=(refresher,) if refresher else ())
+        if refresher is not None:
+            refresher.trainer = trainer
+        state = trainer.train()
+        # the refresher re-indexed from the final towers already
+        self.install_retriever(state.model(), reindex=refresher is None)
+        return state
+
+    def _eval_fn(self, phase: str):
+        """The periodic dev evaluation of a phase: RALT dev loss, recall@k of the gold passage
+        (when known), EM / F1 of generated answers (``eval_generate``); None if nothing to
+        evaluate. Answers are written to ``<phase>/eval_answers/step_<N>.jsonl``."""
+        dev = self.eval_records
+        gold = [r for r in dev if r.get("gold_id")]
+        generate = self._generate_in_eval(phase) and bool(dev)
+        loss_fn = self._ralt_dev_loss(dev) if phase == "ralt" and dev else None
+        if not (gold or generate or loss_fn):
+            return None
+        answered = dev[: self.config.eval_generate_max]
 
         def eval_fn(state: TrainState) -> dict[str, float]:
-            probe = DualEncoder(state.model().query_tower, retriever.tokenizer,
-                                max_length=retriever.max_length, mesh=self.mesh)
-            return {"recall_at_k": self.recall([r["query"] for r in dev],
-                                               [r["gold_id"] for r in dev], probe)}
+            model = state.model()
+            if phase == "lsr":
+                retriever, generator = self._retriever_of(model), self.rag.generator
+            else:
+                retriever, generator = self.rag.retriever, self._generator_of(model)
+            out: dict[str, float] = {}
+            if loss_fn is not None:
+                out["eval_loss"] = loss_fn(state)
+            if gold:
+                out["recall_at_k"] = self.recall([r["query"] for r in gold],
+                                                  [r["gold_id"] for r in gold], retriever)
+            if generate:
+                path = (self.output_dir / phase / "eval_answers" /
+                        f"step_{int(jax.device_get(state.step))}.jsonl")
+                out.update(self.generation_metrics(retriever, generator, answered, path))
+            return out
 
-        trainer = Trainer(state, step, data, self._trainer_config("lsr", lsr.steps),
-                          eval_fn=eval_fn if dev else None, mesh=self.mesh)
-        state = trainer.train()
-        self.install_retriever(state.model())
-        return state
+        return eval_fn
+
+    def _generator_of(self, model: nnx.Module) -> Generator:
+        g = self.rag.generator
+        return Generator(model, g.tokenizer, use_chat_template=g.use_chat_template,
+                         length_buckets=g.length_buckets)
+
+    def _ralt_dev_loss(self, records: list[dict]):
+        """state -> mean RALT loss over the dev records (uniform weights, fixed order)."""
+        c, ralt, rag = self.config, self.config.ralt, self.rag
+        data = build_ralt_dataset(
+            records, rag.retriever, rag.store, rag.generator,
+            top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
+            template=rag.config.prompt_template, max_length=ralt.max_length,
+            max_passage_tokens=rag.max_context_tokens, seed=c.seed, progress=False)
+        data.shuffle = False
+        batches = [data.batch_at(0, i) for i in range(len(data))]
+
+        @functools.partial(jax.jit, static_argnames="graphdef")
+        def batch_loss(params, frozen, graphdef, batch):
+            return ralt_objective(nnx.merge(graphdef, params, frozen), batch)[0]
+
+        def loss(state: TrainState) -> float:
+            total = weight = 0.0
+            for batch in batches:
+                n = float(np.count_nonzero(batch["weights"]))  # padding examples weigh 0
+                total += n * float(batch_loss(state.params, state.frozen, state.graphdef,
+                                              batch))
+                weight += n
+            return total / max(weight, 1.0)
+
+        return loss
 
     # --- RALT ------------------------------------------------------------------------------
     def ralt_dataset(self, records: list[dict]):
@@ -240,7 +376,7 @@ class FinetuneManager:
         step = compile_step(ralt_step, state, data.batch_at(0, 0), self.mesh,
                             micro_batches=ralt.micro_batches)
         trainer = Trainer(state, step, data, self._trainer_config("ralt", ralt.steps),
-                          mesh=self.mesh)
+                          eval_fn=self._eval_fn("ralt"), mesh=self.mesh)
         state = trainer.train()
         self.install_generator(state.model())
         return state

@@ -80,6 +80,9 @@ class Trainer:
     ``eval_fn(state) -> {name: float}``. ``hooks``: ``hook(step, state, metrics)`` after every
     step (metrics still on device), e.g. to re-index a store; a hook may return a new
     TrainState to continue with. Hooks must not keep the state: the next step donates it.
+    A hook with an ``on_start(step, state)`` method has it called once before the first step
+    (``step``: the steps already done, > 0 after a resume), to rebuild what it derives from
+    the state. Hooks may log with :meth:`log_event`.
     """
 
     def __init__(self, state: TrainState, step_fn: Callable, data: BatchSource,
@@ -103,6 +106,11 @@ class Trainer:
         self.step_fn = step_fn
         self.output_dir = Path(config.output_dir)
         self.primary = jax.process_index() == 0  # one host writes logs and plots
+        # open only inside train(): the logs, and the throughput window [start, steps, examples]
+        self._jsonl: Any = None
+        self._writer: Any = None
+        self._window: list | None = None
+        self._t0 = time.time()
 
     @property
     def metrics_path(self) -> Path:
@@ -126,6 +134,9 @@ class Trainer:
         state, done, (epoch, index) = self._start(ckpt)
         self.state = state  # let go of the template: it may be a whole second copy
         self._truncate_metrics(done)
+        for hook in self.hooks:
+            if hasattr(hook, "on_start"):
+                hook.on_start(done, state)
         if done >= cfg.total_steps:
             log.info("%s: already trained for %d steps (total_steps=%d); nothing to do",
                      cfg.name, done, cfg.total_steps)
@@ -191,6 +202,7 @@ class Trainer:
                 self._jsonl.close()
             if writer is not None:
                 writer.close()
+            self._jsonl = self._writer = self._window = None
         self._plot()
         self.state = state
         return state
@@ -220,6 +232,15 @@ class Trainer:
             for key, value in record.items():
                 if key not in ("split", "step") and isinstance(value, int | float):
                     self._writer.add_scalar(f"{split}/{key}", value, step)
+
+    def log_event(self, step: int, name: str, values: dict[str, Any]) -> None:
+        """A ``{"split": name, "step": step, **values}`` record (JSONL and TensorBoard
+        ``name/key``), e.g. a store refresh. ``values["seconds"]`` is taken out of the
+        training throughput, as evaluation time is."""
+        if "seconds" in values and self._window is not None:
+            self._window[0] += float(values["seconds"])
+        self._record({"split": name, "step": step, **values,
+                      "wall_time_s": time.time() - self._t0})
 
     def _log_train(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         values = {k: _to_python(v) for k, v in jax.device_get(metrics).items()}

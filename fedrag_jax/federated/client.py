@@ -71,8 +71,8 @@ def handle_evaluate(task: Any, msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def handle_identify(task: Any, msg: Message, context: Context) -> Message:
-    cid = client_id_of(context, task.config.num_clients)
+def handle_identify(num_clients: int, msg: Message, context: Context) -> Message:
+    cid = client_id_of(context, num_clients)
     return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
@@ -93,6 +93,6 @@ def make_client_app(task: Any, *, mods: list | None = None) -> ClientApp:
 
     @app.query(IDENTIFY)
     def identify(msg: Message, context: Context) -> Message:
-        return handle_identify(_local(task), msg, context)
+        return handle_identify(task.config.num_clients, msg, context)
 
     return app

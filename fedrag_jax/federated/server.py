@@ -56,6 +56,25 @@ def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
 
 
 @dataclass
+class ServerTask:
+    """What the server uses of a :class:`FederatedTask`: the trainable params' template and
+    the settings, without client data (a deployed server has none)."""
+
+    template: Any  # a TrainState: only its params are used
+    config: Any  # FederatedConfig
+    options: StrategyOptions
+    has_eval: bool = False
+    round_timeout: float = 3600.0
+
+    @property
+    def strategy(self) -> str:
+        return check_strategy(self.config.strategy)
+
+    def initial_params(self) -> Any:
+        return self.template.params
+
+
+@dataclass
 class ServerRun:
     """Settings of one server run, and (filled in as it goes) its params and history."""
 

@@ -41,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config
 from ..errors import ConfigError
-from .client import handle_evaluate, handle_identify, handle_train
+from .client import dp_clipping_mod, handle_evaluate, handle_identify, handle_train
 from .server import ServerRun, ServerTask, serve
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root, or the installed FAB
@@ -143,7 +143,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     serve(grid, task, ServerRun(checkpoint_dir=str(checkpoint_dir(config, method).resolve())))
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[dp_clipping_mod])
 
 
 @client_app.train()

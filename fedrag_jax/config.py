@@ -120,11 +120,9 @@ class FederatedConfig:
     devices_per_client: int | None = None  # SPMD engine: devices of each client's slice
     client_num_cpus: int = 1  # Flower engine: Ray resources per virtual client
     client_num_gpus: float = 0.0  # Flower engine: GPUs per client (a GPU each on a GPU host)
-    # central DP with client-side clipping (Flower engine and deployment): each client clips
-    # its update (params - global) to this L2 norm; null: no clipping, no noise
-    dp_clipping_norm: float | None = None
-    # the server adds N(0, (multiplier * clipping_norm / clients per round)^2) to the average
-    dp_noise_multiplier: float = 0.0
+    # central DP, client-side clipping (Flower engine and deployment; docs/federated.md)
+    dp_clipping_norm: float | None = None  # clip each update (params - global) to this L2 norm
+    dp_noise_multiplier: float = 0.0  # server noise std: this * clipping norm / clients per round
 
 
 @dataclass

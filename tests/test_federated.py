@@ -678,3 +678,43 @@ def test_dp_settings_are_checked():
     task.config = dataclasses.replace(task.config, dp_clipping_norm=1.0)
     with pytest.raises(ConfigError, match="Flower paths"):
         task.run_spmd()
+
+
+# --- secure aggregation (SecAgg+ on Flower's legacy workflow) ---------------------------------
+def test_secagg_equals_fedavg_within_its_quantisation(compile_cache, tmp_path):
+    from fedrag_jax.federated.secagg import tolerance
+
+    task = make_task(3, rounds=1, eval_data=False)
+    task.config = dataclasses.replace(task.config, secagg=True, secagg_num_shares=3,
+                                      secagg_reconstruction_threshold=2,
+                                      secagg_clipping_range=4.0,
+                                      secagg_quantization_range=2 ** 20, secagg_max_weight=16.0)
+    start = task.initial_params()
+    sizes = [d.n for d in task.client_data]
+    exact = weighted_average([flatten_params(task.client_update(c, start, 1)[0])
+                              for c in range(3)], sizes)
+    assert max(float(np.abs(v).max()) for v in exact.values()) < 4.0  # inside the clip range
+    result = task.run_flower(actor_env=compile_cache, checkpoint_dir=str(tmp_path))
+    (record,) = result.history
+    assert record.aggregated and "secure aggregation" in record.note
+    got = flatten_params(result.params)
+    tol = tolerance(task.config, sizes)
+    assert tol < 1e-4
+    err = max(float(np.abs(got[k] - exact[k]).max()) for k in exact)
+    assert err <= tol + 1e-6, (err, tol)
+    assert err > 0  # it went through quantisation, not a plain average
+    ckpt, done, params, _, _ = open_run(task, tmp_path, resume=True)
+    ckpt.close()
+    assert done == 1
+    assert_close(flatten_params(params), got, atol=0)
+
+
+def test_secagg_settings_are_checked():
+    with pytest.raises(ConfigError, match="FedAvg only"):
+        task = make_task(2, eval_data=False)
+        task.config = dataclasses.replace(task.config, secagg=True, strategy="fedadam")
+        task._validate()
+    with pytest.raises(ConfigError, match="must be > 2"):
+        task = make_task(2, eval_data=False)
+        task.config = dataclasses.replace(task.config, secagg=True, secagg_num_shares=2)
+        task._validate()

@@ -138,6 +138,10 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
+    if config.fed.secagg:
+        raise ConfigError("fed.secagg runs on Flower's simulation engine only: this deployed "
+                          "ClientApp speaks the Message API, SecAgg+ needs Flower's legacy "
+                          "fit path (docs/federated.md)")
     method = method_of(config, context.run_config)
     task = server_task(context.run_config)
     serve(grid, task, ServerRun(checkpoint_dir=str(checkpoint_dir(config, method).resolve())))

@@ -103,6 +103,10 @@ class FederatedTask:
         if noise < 0 or (noise > 0 and clip is None):
             raise ConfigError(f"dp_noise_multiplier={noise} needs dp_clipping_norm set and must "
                               "be >= 0: the noise std is multiplier * clipping_norm / clients")
+        if getattr(c, "secagg", False):
+            from .secagg import check_secagg
+
+            check_secagg(c)
         for i, d in enumerate(self.client_data):
             if len(d) < 1:
                 raise ConfigError(f"client {i}'s dataset has no batches")
@@ -162,6 +166,9 @@ class FederatedTask:
         """All clients in one program: local steps vmapped over a ``clients`` mesh axis."""
         from .spmd import SpmdSimulator
 
+        if getattr(self.config, "secagg", False):
+            raise ConfigError("secagg (SecAgg+) runs on Flower's simulation engine: set "
+                              "fed.engine=flower")
         if getattr(self.config, "dp_clipping_norm", None) is not None:
             raise ConfigError("differential privacy (dp_clipping_norm) runs on the Flower paths "
                               "(Flower's DP strategy wrapper and clipping mod): set "

@@ -123,6 +123,16 @@ class FederatedConfig:
     devices_per_client: int | None = None  # SPMD engine: devices of each client's slice
     client_num_cpus: int = 1  # Flower engine: Ray resources per virtual client
     client_num_gpus: float = 0.0  # Flower engine: GPUs per client (a GPU each on a GPU host)
+    # central DP, client-side clipping (Flower engine and deployment; docs/federated.md)
+    dp_clipping_norm: float | None = None  # clip each update (params - global) to this L2 norm
+    dp_noise_multiplier: float = 0.0  # server noise std: this * clipping norm / clients per round
+    # secure aggregation, SecAgg+ (Flower simulation engine, FedAvg; docs/federated.md)
+    secagg: bool = False  # the server sees only the masked sum of the weighted updates
+    secagg_num_shares: int = 3  # shares of each client's key (> 2; 1: all sampled clients)
+    secagg_reconstruction_threshold: int = 2  # shares that rebuild a dropped client's key
+    secagg_clipping_range: float = 8.0  # params clipped to [-range, range] before quantizing
+    secagg_quantization_range: int = 4194304  # integers per coordinate (2**22)
+    secagg_max_weight: float = 1000.0  # largest client weight (num_examples) expected
 
 
 @dataclass

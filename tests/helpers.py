@@ -138,3 +138,41 @@ def tiny_rag_parts(tmp: Path, num_passages: int = 12, seed: int = 0):
                 "response": " ".join(f"w{i}" for i in rng.integers(4, 96, size=3))}
                for _ in range(6)]
     return retriever, store, generator, records
+
+
+def tiny_rag_files(tmp: Path, num_passages: int = 12, num_records: int = 8, seed: int = 0):
+    """What a config can point at: tiny HF folders (a BERT retriever, a Llama generator, each
+    with the WordLevel tokenizer), a corpus JSONL and a train JSONL. Returns the paths."""
+    import json
+
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    bert = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=128, type_vocab_size=2,
+                                   pad_token_id=0)
+    import torch
+
+    torch.manual_seed(seed)
+    retriever = transformers.BertModel(bert)
+    perturb_(retriever, seed)
+    retriever_path = tmp / "retriever"
+    retriever.save_pretrained(retriever_path)
+    tokenizer.save_pretrained(retriever_path)
+    generator_path, _ = tiny_hf_causal_lm(tmp, "llama", seed=seed, eos_token_id=2,
+                                          pad_token_id=0, max_position_embeddings=512)
+    tokenizer.save_pretrained(generator_path)
+    rng = np.random.default_rng(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(4, 96, size=n))
+
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": words(int(rng.integers(5, 15)))})
+                              + "\n" for i in range(num_passages)))
+    train = tmp / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": words(4), "response": words(3)}) + "\n"
+                             for _ in range(num_records)))
+    return {"retriever": retriever_path, "generator": generator_path, "corpus": corpus,
+            "train": train}

@@ -623,3 +623,98 @@ def test_spmd_rejects_a_diverged_client(spmd4):
         assert sorted(c.client_id for c in record.clients) == [0, 1, 3]
     assert all(np.isfinite(v).all() for v in flatten_params(result.params).values())
 
+
+
+# --- differential privacy (Flower's client-side fixed clipping) -------------------------------
+def _norm(flat: dict, base: dict) -> float:
+    return float(np.sqrt(sum(np.sum((flat[k].astype(np.float64) - base[k]) ** 2) for k in flat)))
+
+
+def test_dp_clips_every_client_update_and_noises_the_average(task_identity):
+    task = make_task(3, rounds=1, eval_data=False)
+    start = task.initial_params()
+    base = {k: v.astype(np.float64) for k, v in flatten_params(start).items()}
+    raw = {cid: flatten_params(task.client_update(cid, start, 1)[0]) for cid in range(3)}
+    norms = {cid: _norm(raw[cid], base) for cid in range(3)}
+    clip = 0.5 * min(norms.values())  # bites on every client
+    sizes = [d.n for d in task.client_data]
+    original = task.config
+    try:
+        task.config = dataclasses.replace(original, dp_clipping_norm=clip)
+        grid = LocalGrid(make_client_app(task), 3)
+        clipped = serve(grid, task, ServerRun(record_client_params=True))
+        task.config = dataclasses.replace(original, dp_clipping_norm=clip,
+                                          dp_noise_multiplier=2.0)
+        noisy = serve(grid, task, ServerRun())
+    finally:
+        task.config = original
+    (record,) = clipped.history
+    sent = record.client_params
+    for cid in range(3):
+        # what left the client: the update scaled onto the clipping norm, same direction
+        assert _norm(sent[cid], base) <= clip * (1 + 1e-5)
+        assert _norm(sent[cid], base) == pytest.approx(clip, rel=1e-4)
+        scale = clip / norms[cid]
+        assert_close(sent[cid], {k: base[k] + scale * (raw[cid][k] - base[k]) for k in base},
+                     atol=1e-6)
+    # noise 0: the aggregate is the plain weighted average of the clipped updates
+    assert_close(flatten_params(clipped.params), weighted_average(
+        [sent[c] for c in range(3)], sizes))
+    # noise multiplier z: the aggregate moves by N(0, (z * clip / clients)^2) per coordinate
+    a, b = flatten_params(noisy.params), flatten_params(clipped.params)
+    diff = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in a])
+    std = 2.0 * clip / 3
+    assert diff.size > 5000
+    assert diff.std() == pytest.approx(std, rel=0.05)
+    assert abs(diff.mean()) < 5 * std / np.sqrt(diff.size)
+
+
+def test_dp_settings_are_checked():
+    with pytest.raises(ConfigError, match="needs dp_clipping_norm"):
+        task = make_task(2, eval_data=False)
+        task.config = dataclasses.replace(task.config, dp_noise_multiplier=1.0)
+        task._validate()
+    task = make_task(2, eval_data=False)
+    task.config = dataclasses.replace(task.config, dp_clipping_norm=1.0)
+    with pytest.raises(ConfigError, match="Flower paths"):
+        task.run_spmd()
+
+
+# --- secure aggregation (SecAgg+ on Flower's legacy workflow) ---------------------------------
+def test_secagg_equals_fedavg_within_its_quantisation(compile_cache, tmp_path):
+    from fedrag_jax.federated.secagg import tolerance
+
+    task = make_task(3, rounds=1, eval_data=False)
+    task.config = dataclasses.replace(task.config, secagg=True, secagg_num_shares=3,
+                                      secagg_reconstruction_threshold=2,
+                                      secagg_clipping_range=4.0,
+                                      secagg_quantization_range=2 ** 20, secagg_max_weight=16.0)
+    start = task.initial_params()
+    sizes = [d.n for d in task.client_data]
+    exact = weighted_average([flatten_params(task.client_update(c, start, 1)[0])
+                              for c in range(3)], sizes)
+    assert max(float(np.abs(v).max()) for v in exact.values()) < 4.0  # inside the clip range
+    result = task.run_flower(actor_env=compile_cache, checkpoint_dir=str(tmp_path))
+    (record,) = result.history
+    assert record.aggregated and "secure aggregation" in record.note
+    got = flatten_params(result.params)
+    tol = tolerance(task.config, sizes)
+    assert tol < 1e-4
+    err = max(float(np.abs(got[k] - exact[k]).max()) for k in exact)
+    assert err <= tol + 1e-6, (err, tol)
+    assert err > 0  # it went through quantisation, not a plain average
+    ckpt, done, params, _, _ = open_run(task, tmp_path, resume=True)
+    ckpt.close()
+    assert done == 1
+    assert_close(flatten_params(params), got, atol=0)
+
+
+def test_secagg_settings_are_checked():
+    with pytest.raises(ConfigError, match="FedAvg only"):
+        task = make_task(2, eval_data=False)
+        task.config = dataclasses.replace(task.config, secagg=True, strategy="fedadam")
+        task._validate()
+    with pytest.raises(ConfigError, match="must be > 2"):
+        task = make_task(2, eval_data=False)
+        task.config = dataclasses.replace(task.config, secagg=True, secagg_num_shares=2)
+        task._validate()

@@ -4,6 +4,10 @@
     task.run_flower()   # Flower simulation engine (Ray actors)
     task.run_spmd()     # clients on device slices of one program
 
+Deployed: ``app`` (the ServerApp / ClientApp pyproject.toml names for ``flwr run``).
+Privacy: Flower's client-side-clipping DP (``server.make_strategy``, ``client.dp_clipping_mod``)
+and SecAgg+ on Flower's legacy workflow (``secagg``).
+
 Only the trainable params travel (``payload``), validated on receipt; clients run the same
 train steps as centralized training (``local``); the server rules are Flower's strategies,
 mirrored in JAX for the SPMD engine (``aggregate``).

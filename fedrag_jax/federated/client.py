@@ -20,6 +20,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..errors import ConfigError
 from .payload import from_arrayrecord, to_arrayrecord
@@ -71,17 +73,33 @@ def handle_evaluate(task: Any, msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-def handle_identify(task: Any, msg: Message, context: Context) -> Message:
-    cid = client_id_of(context, task.config.num_clients)
+def handle_identify(num_clients: int, msg: Message, context: Context) -> Message:
+    cid = client_id_of(context, num_clients)
     return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), reply_to=msg)
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``fixedclipping_mod`` on the train messages that ask for it.
+
+    A server with ``dp_clipping_norm`` set (``DifferentialPrivacyClientSideFixedClipping``)
+    puts the norm into every train config; the client's update (params - global) is then
+    scaled by min(1, norm / ||update||_2) over all trainable leaves before it is sent.
+    Other messages, and train messages without the key, pass untouched, so one ClientApp
+    serves runs with and without DP.
+    """
+    if msg.metadata.message_type == "train" and CONFIG in msg.content.config_records \
+            and KEY_CLIPPING_NORM in msg.content[CONFIG]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def make_client_app(task: Any, *, mods: list | None = None) -> ClientApp:
     """A ClientApp serving ``task`` (a :class:`FederatedTask`; pickled to Flower's actors).
 
-    ``mods``: Flower client mods wrapped around every handler (e.g. for DP or tests).
+    ``mods``: Flower client mods wrapped around every handler (e.g. for tests), inside
+    :func:`dp_clipping_mod` (which clips what they return).
     """
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[dp_clipping_mod, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -93,6 +111,6 @@ def make_client_app(task: Any, *, mods: list | None = None) -> ClientApp:
 
     @app.query(IDENTIFY)
     def identify(msg: Message, context: Context) -> Message:
-        return handle_identify(_local(task), msg, context)
+        return handle_identify(task.config.num_clients, msg, context)
 
     return app

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
-from ..errors import PayloadError
+from ..errors import ConfigError, PayloadError
 from .aggregate import StrategyOptions, check_strategy
 from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
 from .history import ClientResult, RoundRecord, open_run
@@ -36,8 +36,27 @@ log = logging.getLogger(__name__)
 
 
 def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
-                  fraction_train: float = 1.0, evaluate: bool = True):
-    """A ``flwr.serverapp.strategy`` strategy by name."""
+                  fraction_train: float = 1.0, evaluate: bool = True,
+                  dp_clipping_norm: float | None = None, dp_noise_multiplier: float = 0.0,
+                  clients_per_round: int | None = None):
+    """A ``flwr.serverapp.strategy`` strategy by name; with ``dp_clipping_norm``, wrapped in
+    Flower's ``DifferentialPrivacyClientSideFixedClipping`` (clients clip, see
+    ``client.dp_clipping_mod``; the server adds Gaussian noise of std
+    ``dp_noise_multiplier * dp_clipping_norm / clients_per_round`` to the average)."""
+    strategy = _base_strategy(name, options, min_clients=min_clients,
+                              fraction_train=fraction_train, evaluate=evaluate)
+    if dp_clipping_norm is None:
+        return strategy
+    if dp_clipping_norm <= 0 or dp_noise_multiplier < 0:
+        raise ConfigError(f"dp_clipping_norm={dp_clipping_norm} must be > 0 and "
+                          f"dp_noise_multiplier={dp_noise_multiplier} >= 0")
+    return flwr_strategy.DifferentialPrivacyClientSideFixedClipping(
+        strategy, noise_multiplier=dp_noise_multiplier, clipping_norm=dp_clipping_norm,
+        num_sampled_clients=clients_per_round or min_clients)
+
+
+def _base_strategy(name: str, options: StrategyOptions, *, min_clients: int,
+                   fraction_train: float, evaluate: bool):
     key = check_strategy(name)
     common = dict(fraction_train=fraction_train, fraction_evaluate=1.0 if evaluate else 0.0,
                   min_train_nodes=min_clients, min_evaluate_nodes=min_clients if evaluate else 0,
@@ -53,6 +72,31 @@ def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
     if key == "fedmedian":
         return flwr_strategy.FedMedian(**common)
     return flwr_strategy.FedTrimmedAvg(**common, beta=options.trim_beta)
+
+
+def clients_per_round(config: Any) -> int:
+    """Clients Flower samples per round: max(int(n * fraction_train), min_clients), <= n."""
+    n = config.num_clients
+    return min(n, max(int(n * config.fraction_train), config.min_clients))
+
+
+@dataclass
+class ServerTask:
+    """What the server uses of a :class:`FederatedTask`: the trainable params' template and
+    the settings, without client data (a deployed server has none)."""
+
+    template: Any  # a TrainState: only its params are used
+    config: Any  # FederatedConfig
+    options: StrategyOptions
+    has_eval: bool = False
+    round_timeout: float = 3600.0
+
+    @property
+    def strategy(self) -> str:
+        return check_strategy(self.config.strategy)
+
+    def initial_params(self) -> Any:
+        return self.template.params
 
 
 @dataclass
@@ -152,9 +196,13 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
     template = task.template.params
     ckpt, done, params, server, history = open_run(task, run.checkpoint_dir, run.resume)
     strategy = make_strategy(task.strategy, task.options, min_clients=c.min_clients,
-                             fraction_train=c.fraction_train, evaluate=task.has_eval)
+                             fraction_train=c.fraction_train, evaluate=task.has_eval,
+                             dp_clipping_norm=getattr(c, "dp_clipping_norm", None),
+                             dp_noise_multiplier=getattr(c, "dp_noise_multiplier", 0.0),
+                             clients_per_round=clients_per_round(c))
+    inner = getattr(strategy, "strategy", strategy)  # the rule inside a DP wrapper
     if server is not None:  # FedAdam / FedYogi moments, keyed by path as Flower keeps them
-        strategy.m_t, strategy.v_t = flatten_params(server["m"]), flatten_params(server["v"])
+        inner.m_t, inner.v_t = flatten_params(server["m"]), flatten_params(server["v"])
     run.params, run.history = params, history
     try:
         if done < c.rounds:
@@ -183,9 +231,9 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
                 # Flower's adaptive strategies compute in float64: back to the model's dtypes
                 params = from_arrayrecord(aggregated, template, cast=True)
                 record.aggregated = True
-            if server is not None and strategy.m_t is not None:
-                server = {"m": unflatten_params(strategy.m_t, template, cast=True),
-                          "v": unflatten_params(strategy.v_t, template, cast=True)}
+            if server is not None and inner.m_t is not None:
+                server = {"m": unflatten_params(inner.m_t, template, cast=True),
+                          "v": unflatten_params(inner.v_t, template, cast=True)}
             if task.has_eval:
                 messages = strategy.configure_evaluate(r, to_arrayrecord(params),
                                                        ConfigRecord(), grid)

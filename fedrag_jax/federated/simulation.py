@@ -81,8 +81,14 @@ def run_flower_simulation(task: Any, *, checkpoint_dir: str | None = None, resum
 
     run = ServerRun(checkpoint_dir=checkpoint_dir, resume=resume,
                     record_client_params=record_client_params)
-    server_app = make_server_app(task, run)
-    client_app = make_client_app(task, mods=mods)
+    if getattr(task.config, "secagg", False):  # Flower's SecAgg+ lives on the legacy path
+        from .secagg import make_secagg_client_app, make_secagg_server_app
+
+        server_app = make_secagg_server_app(task, run)
+        client_app = make_secagg_client_app(task)
+    else:
+        server_app = make_server_app(task, run)
+        client_app = make_client_app(task, mods=mods)
     with _environment(**actor_environment(actor_env)):
         run_simulation(server_app, client_app, num_supernodes=task.config.num_clients,
                        backend_name="ray",

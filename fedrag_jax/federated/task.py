@@ -97,6 +97,16 @@ class FederatedTask:
                               f"{c.num_clients}; the server would wait forever")
         if not 0.0 < c.fraction_train <= 1.0:
             raise ConfigError(f"fraction_train={c.fraction_train} must be in (0, 1]")
+        clip, noise = getattr(c, "dp_clipping_norm", None), getattr(c, "dp_noise_multiplier", 0.0)
+        if clip is not None and clip <= 0:
+            raise ConfigError(f"dp_clipping_norm={clip} must be > 0 (null: no DP)")
+        if noise < 0 or (noise > 0 and clip is None):
+            raise ConfigError(f"dp_noise_multiplier={noise} needs dp_clipping_norm set and must "
+                              "be >= 0: the noise std is multiplier * clipping_norm / clients")
+        if getattr(c, "secagg", False):
+            from .secagg import check_secagg
+
+            check_secagg(c)
         for i, d in enumerate(self.client_data):
             if len(d) < 1:
                 raise ConfigError(f"client {i}'s dataset has no batches")
@@ -155,6 +165,14 @@ class FederatedTask:
                  record_client_params: bool = False) -> FederatedResult:
         """All clients in one program: local steps vmapped over a ``clients`` mesh axis."""
         from .spmd import SpmdSimulator
+
+        if getattr(self.config, "secagg", False):
+            raise ConfigError("secagg (SecAgg+) runs on Flower's simulation engine: set "
+                              "fed.engine=flower")
+        if getattr(self.config, "dp_clipping_norm", None) is not None:
+            raise ConfigError("differential privacy (dp_clipping_norm) runs on the Flower paths "
+                              "(Flower's DP strategy wrapper and clipping mod): set "
+                              "fed.engine=flower or deploy with flwr run")
 
         devices_per_client = devices_per_client or getattr(self.config, "devices_per_client",
                                                            None)

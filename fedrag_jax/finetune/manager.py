@@ -94,6 +94,36 @@ def load_train_eval_records(config: Config, corpus: list[dict]) -> tuple[list[di
     return train, dev
 
 
+def lsr_model(config: Config, retriever: DualEncoder) -> tuple[Towers, Any, OptimizerConfig]:
+    """The towers to train, the trainable filter and the optimizer settings.
+
+    RA-DIT trains the query tower only: a shared tower is untied (copied) so that the
+    store's passage embeddings, made by the context tower, stay valid.
+    """
+    lsr = config.lsr
+    context = retriever.context_encoder or retriever.query_encoder
+    towers = Towers(nnx.clone(retriever.query_encoder), context)
+    trainable = nnx.Param if lsr.train_context else QUERY_TOWER
+    return towers, trainable, OptimizerConfig(
+        learning_rate=lsr.learning_rate, warmup_steps=lsr.warmup_steps,
+        total_steps=lsr.steps, weight_decay=lsr.weight_decay,
+        max_grad_norm=lsr.max_grad_norm)
+
+
+def ralt_model(config: Config, generator: nnx.Module) -> tuple[nnx.Module, Any, OptimizerConfig]:
+    """The generator to train (with LoRA adapters unless lora_rank=0), filter, optimizer."""
+    ralt = config.ralt
+    model = nnx.clone(generator)
+    if ralt.lora_rank > 0:
+        model = apply_lora(model, rank=ralt.lora_rank, alpha=ralt.lora_alpha,
+                           target_modules=tuple(ralt.lora_targets), seed=config.seed)
+    trainable = nnx.LoRAParam if ralt.lora_rank > 0 else nnx.Param
+    return model, trainable, OptimizerConfig(
+        learning_rate=ralt.learning_rate, warmup_steps=ralt.warmup_steps,
+        total_steps=ralt.steps, weight_decay=ralt.weight_decay,
+        max_grad_norm=ralt.max_grad_norm)
+
+
 class FinetuneManager:
     def __init__(self, rag: RAGSystem, train_records: list[dict], eval_records: list[dict],
                  config: Config, *, mesh=None, dataset_cache: dict | None = None):
@@ -221,19 +251,7 @@ class FinetuneManager:
             progress=c.progress, passage_tokens=lsr.train_context, lm_scores=lm_scores)
 
     def lsr_model(self) -> tuple[Towers, Any, OptimizerConfig]:
-        """The towers to train, the trainable filter and the optimizer settings.
-
-        RA-DIT trains the query tower only: a shared tower is untied (copied) so that the
-        store's passage embeddings, made by the context tower, stay valid.
-        """
-        lsr, retriever = self.config.lsr, self.rag.retriever
-        context = retriever.context_encoder or retriever.query_encoder
-        towers = Towers(nnx.clone(retriever.query_encoder), context)
-        trainable = nnx.Param if lsr.train_context else QUERY_TOWER
-        return towers, trainable, OptimizerConfig(
-            learning_rate=lsr.learning_rate, warmup_steps=lsr.warmup_steps,
-            total_steps=lsr.steps, weight_decay=lsr.weight_decay,
-            max_grad_norm=lsr.max_grad_norm)
+        return lsr_model(self.config, self.rag.retriever)
 
     def install_retriever(self, towers: Towers, *, reindex: bool = True) -> None:
         """Put trained towers into the RAG system; with ``lsr.train_context`` the store is
@@ -352,17 +370,7 @@ class FinetuneManager:
             progress=c.progress)
 
     def ralt_model(self) -> tuple[nnx.Module, Any, OptimizerConfig]:
-        """The generator to train (with LoRA adapters unless lora_rank=0), filter, optimizer."""
-        ralt = self.config.ralt
-        model = nnx.clone(self.rag.generator.model)
-        if ralt.lora_rank > 0:
-            model = apply_lora(model, rank=ralt.lora_rank, alpha=ralt.lora_alpha,
-                               target_modules=tuple(ralt.lora_targets), seed=self.config.seed)
-        trainable = nnx.LoRAParam if ralt.lora_rank > 0 else nnx.Param
-        return model, trainable, OptimizerConfig(
-            learning_rate=ralt.learning_rate, warmup_steps=ralt.warmup_steps,
-            total_steps=ralt.steps, weight_decay=ralt.weight_decay,
-            max_grad_norm=ralt.max_grad_norm)
+        return ralt_model(self.config, self.rag.generator.model)
 
     def install_generator(self, model: nnx.Module) -> None:
         self.rag.generator.model = merge_lora(model) if has_lora(model) else model

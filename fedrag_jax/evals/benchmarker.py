@@ -101,6 +101,16 @@ class BenchmarkResult:
         return {"num_examples": self.num_examples, "metrics": self.metrics,
                 "counts": self.counts, "recall_k": self.recall_k}
 
+    def table(self) -> str:
+        """The aggregate as a Markdown table: metric, mean, examples it applies to."""
+        k = "k" if self.recall_k is None else str(self.recall_k)
+        labels = {"exact_match": "EM", "f1": "F1", "mc_accuracy": "accuracy (multiple choice)",
+                  "recall_at_k": f"recall@{k}", "mrr": f"MRR@{k}"}
+        rows = ["| metric | value | examples |", "|---|---|---|"]
+        rows += [f"| {labels.get(name, name)} | {value:.4f} | {self.counts[name]} |"
+                 for name, value in self.metrics.items()]
+        return "\n".join(rows)
+
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[str]]:

@@ -283,8 +283,24 @@ class FinetuneManager:
             else:
                 self.install_generator(model)
             histories[method] = result.to_dict()
+            self._write_rounds(method, result.history)
         self.results["federated_history"] = histories
         return histories
+
+    def _write_rounds(self, method: str, history: list) -> None:
+        """One line per round in federated_<method>/metrics.jsonl, like the trainers' logs."""
+        lines = [json.dumps({"split": "round", "round": r.round, "aggregated": r.aggregated,
+                             "train_loss": r.train_loss, "eval_loss": r.eval_loss,
+                             "clients": len(r.clients), "rejected": len(r.rejected),
+                             "failed": len(r.failed), "seconds": r.seconds}) + "\n"
+                 for r in history]
+        folder = self.output_dir / f"federated_{method}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text("".join(lines))
+
+    def save_system(self) -> Path:
+        """The tuned RAG system, as one folder: output_dir/rag (RAGSystem.from_pretrained)."""
+        return self.rag.save_pretrained(self.output_dir / "rag")
 
     def _trainer_config(self, name: str, steps: int) -> TrainerConfig:
         c = self.config

@@ -167,6 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ConfigError
     from .evals import Benchmarker, load_benchmark, load_qa_jsonl
+    from .outputs import is_primary, out_path
 
     if (args.benchmark is None) == (args.data is None):
         raise ConfigError("pass either --data FILE.jsonl or --benchmark NAME --data-files FILE")
@@ -183,7 +184,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         _start_distributed(config)
 
-    import jax
 
     if args.benchmark is not None:
         name = args.benchmark
@@ -203,13 +203,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .sharding import make_mesh
 
         rag, _ = build_rag_system(config, make_mesh(vars(config.mesh)))
-        default_out = Path(config.output_dir) / "eval" / name
+        default_out = out_path(config.output_dir) / "eval" / name
     if args.top_k is not None:
         rag.config = dataclasses.replace(rag.config, top_k=args.top_k)
     if args.max_new_tokens is not None:
         rag.max_new_tokens = args.max_new_tokens
-    out = Path(args.output) if args.output else default_out
-    primary = jax.process_index() == 0  # every host generates; one writes
+    out = out_path(args.output) if args.output else default_out  # local or gs://
+    primary = is_primary()  # every host generates; one writes
     result = Benchmarker(rag, examples, batch_size=args.batch_size, recall_k=rag.config.top_k,
                          out_dir=out if primary else None,
                          progress=primary and (config is None or config.progress)

@@ -24,6 +24,8 @@ def test_overrides_apply_with_types():
     assert c.lsr.steps == 7 and c.lsr.learning_rate == 1e-4 and c.mesh.data == 2
     assert c.ralt.lora_targets == ["q_proj", "v_proj"] and c.progress is False
     assert isinstance(c.lsr.learning_rate, float)
+    c = load_config(None, ["retrieval.prompt_template=Q: {query} C: {context}"])
+    assert c.retrieval.prompt_template == "Q: {query} C: {context}"
 
 
 @pytest.mark.parametrize("override,message", [

@@ -10,6 +10,10 @@ a missing manifest) raises :class:`CorruptCheckpointError`, and without an expli
 newest good earlier step is used instead, with a warning.
 
 Nothing is pickled: arrays go through orbax (tensorstore), the rest through JSON.
+
+``directory`` may be local or ``gs://...``: paths are ``etils.epath`` paths (orbax's own), and
+every process of a multi-host run takes part in saving (orbax coordinates them); only the
+first writes the manifest.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from . import outputs
 from .errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -102,38 +107,45 @@ def _layout(flat: dict[str, Any]) -> dict[str, list]:
 
 
 # --- integrity manifests ----------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def _sha256(path: epath.Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def write_manifest(step_dir: Path, step: int) -> None:
+def _files(step_dir: epath.Path) -> list[str]:
+    """Every file under ``step_dir``, as sorted posix paths relative to it (local or gs://;
+    walk, not rglob: object stores refuse recursive globs)."""
+    base, out = os.fspath(step_dir).rstrip("/"), []
+    for root, _, names in step_dir.walk():
+        rel_root = os.fspath(root)[len(base):].strip("/")
+        out += [f"{rel_root}/{n}" if rel_root else n for n in names]
+    return sorted(out)
+
+
+def write_manifest(step_dir: str | os.PathLike, step: int) -> None:
     """Hash every file under ``step_dir`` into ``step_dir/integrity.json`` (atomically)."""
+    step_dir = outputs.out_path(step_dir)
     files = {}
-    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(step_dir).as_posix()
+    for rel in _files(step_dir):
         if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
             continue
+        path = step_dir / rel
         files[rel] = ({"json": True} if rel in _MUTABLE
-                      else {"sha256": _sha256(path), "size": path.stat().st_size})
+                      else {"sha256": _sha256(path), "size": path.stat().length})
     body = json.dumps({"version": FORMAT_VERSION, "step": step, "files": files}, indent=1)
-    tmp = step_dir / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
+    outputs.write_text(step_dir / MANIFEST, body)
 
 
-def verify_manifest(step_dir: Path, step: int) -> None:
+def verify_manifest(step_dir: str | os.PathLike, step: int) -> None:
     """Raise :class:`CorruptCheckpointError` naming the step and file if anything differs.
 
     Files not in the manifest (orbax's own commit marker, written at the rename) are ignored:
     the restore reads only what the manifest covers.
     """
+    step_dir = outputs.out_path(step_dir)
     where = f"checkpoint step {step} in {step_dir}"
     advice = "delete that step directory (or restore an earlier step)"
     try:
@@ -159,7 +171,7 @@ def verify_manifest(step_dir: Path, step: int) -> None:
                 raise CorruptCheckpointError(
                     f"{where}: file {rel} is not valid JSON (damaged); {advice}") from None
             continue
-        size = path.stat().st_size
+        size = path.stat().length
         if size != expected["size"]:
             raise CorruptCheckpointError(
                 f"{where}: file {rel} has {size} bytes, expected {expected['size']} "
@@ -181,7 +193,7 @@ class CheckpointManager:
                  async_save: bool = True):
         if keep is not None and keep < 1:
             raise ConfigError(f"keep={keep}: keep at least 1 checkpoint (or None for all)")
-        self.directory = Path(directory).absolute()
+        self.directory = outputs.out_path(directory)  # local (absolute) or gs://
         self.async_save = async_save
         self._pending: int | None = None  # step being written in the background
         self.last_restored_step: int | None = None
@@ -221,7 +233,7 @@ class CheckpointManager:
     def _write_manifest(self) -> None:
         """orbax's post-finalization hook: runs before the tmp dir is renamed into place."""
         step = self._pending
-        if step is None or jax.process_index() != 0:
+        if step is None or not outputs.is_primary():
             return
         tmp = self.directory / f"{step}{_ORBAX_TMP_SUFFIX}"
         step_dir = tmp if tmp.is_dir() else self._step_dir(step)
@@ -247,7 +259,7 @@ class CheckpointManager:
         dest, n = dest_root / str(step), 1
         while dest.exists():
             dest, n = dest_root / f"{step}-{n}", n + 1
-        os.replace(self._step_dir(step), dest)
+        self._step_dir(step).rename(dest)  # local: one rename; gs://: copy, then delete
         log.warning("moved damaged checkpoint step %d to %s", step, dest)
         self._manager.reload()
 
@@ -266,7 +278,7 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def _step_dir(self, step: int) -> Path:
+    def _step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def verify(self, step: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -102,22 +103,122 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Centralized fine-tuning (LSR, RALT or both) from a YAML config plus key=value overrides."""
-    from .config import load_config
-    from .finetune.manager import FinetuneManager
-
-    config = load_config(args.config, args.overrides)
+def _start_distributed(config) -> None:
+    """Join the other hosts first: nothing may touch the JAX devices before this call."""
     if config.distributed:  # every host runs this same command; JAX finds its peers
         import jax
 
         jax.distributed.initialize()
+
+
+def _console_logging(config) -> None:
+    """fedrag_jax's INFO lines (federated rounds, resumes) on stderr, on the first host only;
+    the trainers draw their own progress bars."""
+    import logging
+
+    import jax
+
+    logger = logging.getLogger("fedrag_jax")
+    if not config.progress or jax.process_index() != 0 or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _run_training(config) -> int:
+    """Train as ``config`` says (centralized or federated), save the tuned system, report."""
+    _start_distributed(config)
+    _console_logging(config)
+    from .finetune.manager import FinetuneManager
+
     manager = FinetuneManager.from_config(config)
     results = manager.train()
-    saved = manager.rag.save_pretrained(Path(config.output_dir) / "rag")
+    saved = manager.save_system()
     print(json.dumps(results, indent=2))
     print(f"run written to {config.output_dir}; tuned system in {saved} "
-          f"(`fedrag-jax export --system {saved} --out DIR` for HF folders)")
+          f"(`fedrag-jax evaluate --rag {saved} --data FILE.jsonl` to score it, "
+          f"`fedrag-jax export --system {saved} --out DIR` for HF folders)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tuning (LSR, RALT or both) from a YAML config plus key=value overrides;
+    centralized unless the config sets federated: true."""
+    from .config import load_config
+
+    return _run_training(load_config(args.config, args.overrides))
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    """Federated fine-tuning: `train` with federated=true forced. The engine is fed.engine
+    (spmd: clients on device slices of one program; flower: Flower simulation, a Ray actor per
+    client). Per-round metrics go to output_dir/federated_<method>/metrics.jsonl, the tuned
+    system to output_dir/rag."""
+    from .config import load_config
+
+    return _run_training(load_config(args.config, [*args.overrides, "federated=true"]))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a RAG system (EM, F1; recall@k and MRR when gold passage ids are known; accuracy
+    on multiple-choice questions) on a benchmark read from local files or on a JSONL file."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .evals import Benchmarker, load_benchmark, load_qa_jsonl
+    from .outputs import is_primary, out_path
+
+    if (args.benchmark is None) == (args.data is None):
+        raise ConfigError("pass either --data FILE.jsonl or --benchmark NAME --data-files FILE")
+    if args.benchmark is not None and not args.data_files:
+        raise ConfigError(f"--benchmark {args.benchmark} reads local files only: pass "
+                          "--data-files with the dataset in its hub schema (JSON/JSONL/parquet)")
+    if args.data is not None and args.data_files:
+        raise ConfigError("--data-files goes with --benchmark; --data takes one JSONL file")
+    if args.rag is not None and (args.config is not None or args.overrides):
+        raise ConfigError("--rag evaluates a saved system as it is: drop --config and "
+                          "key=value overrides (--top-k and --max-new-tokens still apply)")
+    config = None
+    if args.rag is None:
+        config = load_config(args.config, args.overrides)
+        _start_distributed(config)
+
+
+    if args.benchmark is not None:
+        name = args.benchmark
+        kwargs = {"split": args.split} if args.split else {}
+        examples = load_benchmark(name, data_files=args.data_files, limit=args.limit, **kwargs)
+    else:
+        name = Path(args.data).stem
+        examples = load_qa_jsonl(args.data, limit=args.limit)
+
+    if args.rag is not None:
+        from .rag import RAGSystem
+
+        rag = RAGSystem.from_pretrained(args.rag)
+        default_out = Path(args.rag).absolute().parent / "eval" / name
+    else:
+        from .finetune.manager import build_rag_system
+        from .sharding import make_mesh
+
+        rag, _ = build_rag_system(config, make_mesh(vars(config.mesh)))
+        default_out = out_path(config.output_dir) / "eval" / name
+    if args.top_k is not None:
+        rag.config = dataclasses.replace(rag.config, top_k=args.top_k)
+    if args.max_new_tokens is not None:
+        rag.max_new_tokens = args.max_new_tokens
+    out = out_path(args.output) if args.output else default_out  # local or gs://
+    primary = is_primary()  # every host generates; one writes
+    result = Benchmarker(rag, examples, batch_size=args.batch_size, recall_k=rag.config.top_k,
+                         out_dir=out if primary else None,
+                         progress=primary and (config is None or config.progress)
+                         ).run(limit=args.limit)
+    if primary:
+        print(f"{name}: {result.num_examples} examples, top-{rag.config.top_k} retrieval\n")
+        print(result.table())
+        print(f"\nper-example results in {out / 'examples.jsonl'}, aggregate in "
+              f"{out / 'aggregate.json'}")
     return 0
 
 
@@ -187,16 +288,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", default=None, help="override the index's generator")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("train", help="fine-tune centrally (LSR / RALT) from a config",
+    p = sub.add_parser("train", help="fine-tune (LSR / RALT) from a config",
                        description=cmd_train.__doc__)
-    p.add_argument("--config", default=None, help="YAML file (see configs/)")
+    p.add_argument("--config", default=None,
+                   help="YAML file (see configs/; configs/quickstart.yaml to start from)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. lsr.steps=10 mesh.data=2")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federate", help="federated fine-tuning (Flower or the SPMD simulator)",
+                       description=cmd_federate.__doc__)
+    p.add_argument("--config", default=None, help="YAML file (e.g. configs/federated.yaml)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value, e.g. fed.num_clients=4 fed.rounds=3 fed.engine=flower")
+    p.set_defaults(func=cmd_federate)
+
+    p = sub.add_parser("evaluate", help="score a RAG system on a benchmark or a JSONL file",
+                       description=cmd_evaluate.__doc__,
+                       epilog="examples:\n"
+                              "  fedrag-jax evaluate --rag runs/quickstart/rag --data dev.jsonl\n"
+                              "  fedrag-jax evaluate --config configs/quickstart.yaml "
+                              "--benchmark nq_open --data-files nq_dev.jsonl --limit 200",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rag", default=None,
+                   help="a saved RAG system (output_dir/rag of `train` / `federate`)")
+    p.add_argument("--config", default=None,
+                   help="or: evaluate the system this YAML config builds (untuned)")
+    p.add_argument("overrides", nargs="*", help="key=value settings for --config")
+    p.add_argument("--data", default=None,
+                   help="JSONL of {query, answer or answers, optional gold_id, gold_passage, "
+                        "choices + gold_choice}")
+    p.add_argument("--benchmark", default=None,
+                   help="a benchmark loader: mmlu, nq_open, trivia_qa, pubmedqa, boolq, "
+                        "hotpotqa, squad_v2, hellaswag")
+    p.add_argument("--data-files", nargs="+", default=None,
+                   help="local files of --benchmark in its hub schema (nothing is downloaded)")
+    p.add_argument("--split", default=None, help="split name for --benchmark (for ids)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
+    p.add_argument("--top-k", type=int, default=None, help="override the system's top_k")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--output", default=None,
+                   help="folder for examples.jsonl + aggregate.json (default: eval/NAME "
+                        "beside the saved system, or under the config's output_dir)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="HF folders from a saved RAG system",
                        description=cmd_export.__doc__)
     p.add_argument("--system", required=True,
-                   help="a RAGSystem folder (written by `fedrag-jax train` under output_dir/rag)")
+                   help="a RAGSystem folder (written by `train` / `federate` under "
+                        "output_dir/rag)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

@@ -236,13 +236,24 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _override_value(raw: str) -> Any:
+    """A value as YAML reads it (numbers, booleans, null, lists); text that is not valid
+    YAML on its own (a prompt like "Q: {query} C: {context}") is taken as the string it is."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
     tree: dict = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. lsr.steps=10)")
         key, raw = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set(tree, key.strip(), _override_value(raw))
     return tree
 
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .atomic import atomic_directory
 from .errors import CheckpointNotFoundError
 from .generator import Generator
 from .knowledge_store import KnowledgeStore, load_store
+from .outputs import is_remote, out_path, staged_directory
 from .retriever import DualEncoder
 from .types import RAGConfig, RAGResponse, SourceNode
 
@@ -90,9 +90,10 @@ class RAGSystem:
 
     # --- persistence -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write the whole system atomically; the store is persisted as it is."""
+        """Write the whole system atomically (a local folder, or objects under gs://...);
+        the store is persisted as it is. Returns the folder (an epath.Path for gs://)."""
         r = self.retriever
-        with atomic_directory(out_dir) as tmp:
+        with staged_directory(out_dir) as tmp:
             r.query_encoder.save_pretrained(tmp / "retriever", tokenizer=r.tokenizer)
             if r.context_encoder is not None:
                 r.context_encoder.save_pretrained(tmp / "context_retriever",
@@ -106,7 +107,7 @@ class RAGSystem:
                                       "context_prefix": r.context_prefix},
                         "use_chat_template": self.generator.use_chat_template}
             (tmp / "rag_config.json").write_text(json.dumps(settings, indent=2))
-        return Path(out_dir)
+        return out_path(out_dir) if is_remote(out_dir) else Path(out_dir)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,

@@ -24,6 +24,8 @@ def test_overrides_apply_with_types():
     assert c.lsr.steps == 7 and c.lsr.learning_rate == 1e-4 and c.mesh.data == 2
     assert c.ralt.lora_targets == ["q_proj", "v_proj"] and c.progress is False
     assert isinstance(c.lsr.learning_rate, float)
+    c = load_config(None, ["retrieval.prompt_template=Q: {query} C: {context}"])
+    assert c.retrieval.prompt_template == "Q: {query} C: {context}"
 
 
 @pytest.mark.parametrize("override,message", [
@@ -63,3 +65,20 @@ def test_config_reference_is_up_to_date():
     spec.loader.exec_module(module)
     docs = Path(__file__).parent.parent / "docs" / "config.md"
     assert docs.read_text() == module.render(), "run scripts/gen_config_docs.py"
+
+
+def test_quickstart_is_the_centralized_bundled_starting_point(tmp_path):
+    path = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
+    assert path in CONFIGS
+    c = load_config(path)
+    assert (c.mode, c.federated) == ("both", False)
+    assert (c.model.retriever, c.model.generator, c.data.corpus, c.data.train) == \
+        ("bundled",) * 4
+    assert c.lsr.steps > 0 and c.ralt.steps > 0
+    # the one commented switch: uncommented, the same file is a federated run
+    text = path.read_text()
+    assert text.count("# federated: true") == 1
+    switched = tmp_path / "federated.yaml"
+    switched.write_text(text.replace("# federated: true", "federated: true"))
+    f = load_config(switched)
+    assert f.federated is True and f.to_dict() | {"federated": False} == c.to_dict()

@@ -517,3 +517,29 @@ def test_benchmarker_errors(tmp_path):
     assert default_prompt(EXAMPLES[0]) == "q1"
     with pytest.raises(DataError, match="gold_choice"):
         BenchmarkExample("x", "q", ["a"], choices=["a"], gold_choice=3)
+
+
+def test_load_qa_jsonl_spellings_and_errors(tmp_path):
+    from fedrag_jax.evals import load_qa_jsonl
+
+    f = tmp_path / "qa.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "answer": "a1", "gold_id": 3},
+        {"question": "q2", "answers": ["a2", "b2", "a2"], "id": "x"},
+        {"query": "q3", "response": "r3", "gold_passage_id": "p7", "gold_passage": "text"},
+        {"query": "q4", "choices": ["c0", "c1"], "gold_choice": "B"},
+    ]) + "\n\n")
+    a, b, c, d = load_qa_jsonl(f)
+    assert (a.query, a.answers, a.gold_passage_id, a.example_id) == ("q1", ["a1"], "3", "1")
+    assert (b.answers, b.example_id, b.gold_passage_id) == (["a2", "b2"], "x", None)
+    assert (c.answers, c.gold_passage_id, c.gold_passage) == (["r3"], "p7", "text")
+    assert d.is_multiple_choice and d.gold_choice == 1 and d.answers == ["c1"]
+    assert len(load_qa_jsonl(f, limit=2)) == 2
+    f.write_text('{"query": "q1", "answer": "a"}\n{"answer": "a"}\n')
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: no 'query'"):
+        load_qa_jsonl(f)
+    f.write_text('{"query": "q1"\n')
+    with pytest.raises(DataError, match=r"qa\.jsonl:1: not valid JSON"):
+        load_qa_jsonl(f)
+    with pytest.raises(DataError, match="no such JSONL file"):
+        load_qa_jsonl(tmp_path / "missing.jsonl")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedrag_jax import assets
+from fedrag_jax.cli import build_parser, cmd_federate, cmd_train
 from fedrag_jax.config import load_config
 from fedrag_jax.sharding import MeshConfig
 
@@ -24,8 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TPU = ROOT / "tpu"
 SCRIPTS = ["create.sh", "install.sh", "train.sh", "federate.sh", "delete.sh"]
 V5E = ["--preset", "v5e-8", "--name", "fedrag-test", "--zone", "us-west4-a"]
-LAUNCH_CODE = ("import sys, jax; jax.distributed.initialize(); "
-               "from fedrag_jax.cli import main; sys.exit(main())")
 
 STUB = """#!{python}
 import json, os, sys
@@ -132,9 +131,9 @@ def test_train_dry_run(sandbox):
     (line,) = commands(out)
     assert line.startswith("gcloud compute tpus tpu-vm ssh fedrag-test --zone=us-west4-a "
                            "--worker=all --command=")
-    assert "jax.distributed.initialize()" in line
-    assert ("train --config configs/tpu-v5e-8.yaml output_dir=gs://bucket/run lsr.steps=7"
-            in line)
+    assert "python3 -m fedrag_jax.cli" in line and "python3 -c" not in line
+    assert ("train --config configs/tpu-v5e-8.yaml output_dir=gs://bucket/run distributed=true "
+            "lsr.steps=7") in line
     pod = commands(sandbox.script("train.sh", "--preset", "v5p-64", "--output", "gs://b/x",
                                   "--dry-run").stdout)[0]
     assert "--worker=all" in pod and "--config configs/tpu-v5p-64.yaml" in pod
@@ -145,8 +144,9 @@ def test_federate_dry_run(sandbox):
     (spmd,) = commands(sandbox.script("federate.sh", *V5E, "--output", "gs://bucket/fed",
                                       "--clients", "4", "--dry-run").stdout)
     assert "--worker=all" in spmd
-    assert ("train --config configs/tpu-v5e-8.yaml federated=true fed.engine=spmd "
-            "fed.num_clients=4 output_dir=gs://bucket/fed") in spmd
+    assert ("python3 -m fedrag_jax.cli federate --config configs/tpu-v5e-8.yaml "
+            "fed.engine=spmd fed.num_clients=4 output_dir=gs://bucket/fed distributed=true"
+            ) in spmd
     lines = commands(sandbox.script("federate.sh", *V5E, "--engine", "flower", "--slices", "2",
                                     "--output", "gs://bucket/fed", "--dry-run").stdout)
     assert lines[0].startswith("gcloud compute tpus tpu-vm describe fedrag-test-0")
@@ -195,10 +195,30 @@ def test_train_sends_the_training_command_to_every_worker(sandbox):
     assert flag(ssh, "worker") == "all" and flag(ssh, "zone") == "us-west4-a"
     sandbox.remote(flag(ssh, "command"), wait_for="python3")
     (python,) = sandbox.calls("python3")
-    assert python[1:] == ["-c", LAUNCH_CODE, "train", "--config", "configs/tpu-v5e-8.yaml",
-                          "output_dir=gs://bucket/run", "lsr.steps=7",
+    assert python[1:] == ["-m", "fedrag_jax.cli", "train", "--config", "configs/tpu-v5e-8.yaml",
+                          "output_dir=gs://bucket/run", "distributed=true", "lsr.steps=7",
                           "retrieval.prompt_template=Q: {query} C: {context}"]
-    compile(python[2], "<launch>", "exec")
+    # what the CLI makes of that line: distributed (initialize first), the overrides intact
+    args = build_parser().parse_args(python[3:])
+    assert args.func is cmd_train
+    config = load_config(ROOT / args.config, args.overrides)
+    assert config.distributed and config.output_dir == "gs://bucket/run"
+    assert config.retrieval.prompt_template == "Q: {query} C: {context}"
+
+
+def test_federate_spmd_sends_the_federate_command_to_every_worker(sandbox):
+    sandbox.script("federate.sh", *V5E, "--output", "gs://bucket/fed", "--clients", "2",
+                   "--rounds", "3", "--", "fed.local_steps=5")
+    (ssh,) = sandbox.calls("gcloud")
+    assert flag(ssh, "worker") == "all"
+    sandbox.remote(flag(ssh, "command"), wait_for="python3")
+    (python,) = sandbox.calls("python3")
+    assert python[1:3] == ["-m", "fedrag_jax.cli"]
+    args = build_parser().parse_args(python[3:])
+    assert args.func is cmd_federate
+    config = load_config(ROOT / args.config, [*args.overrides, "federated=true"])
+    assert config.distributed and config.federated and config.fed.engine == "spmd"
+    assert (config.fed.num_clients, config.fed.rounds, config.fed.local_steps) == (2, 3, 5)
 
 
 def test_train_mount_mounts_the_bucket(sandbox):
@@ -207,7 +227,7 @@ def test_train_mount_mounts_the_bucket(sandbox):
     sandbox.remote(flag(ssh, "command"), wait_for="python3")
     mnt = str(sandbox.home / "gcs" / "bucket")
     assert sandbox.calls("gcsfuse") == [["gcsfuse", "--implicit-dirs", "bucket", mnt]]
-    assert sandbox.calls("python3")[0][-1] == f"output_dir={mnt}/runs/a"
+    assert sandbox.calls("python3")[0][-2:] == [f"output_dir={mnt}/runs/a", "distributed=true"]
 
 
 def test_install_copies_and_installs_on_every_worker(sandbox):

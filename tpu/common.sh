@@ -122,9 +122,11 @@ tpu_ssh() {
   run gcloud compute tpus tpu-vm ssh "$1" "${GCLOUD_FLAGS[@]}" --worker="$2" --command="$3"
 }
 
-# The Python line every worker runs: join the other hosts of the slice (on TPU,
-# jax.distributed.initialize() finds them by itself), then the fedrag-jax command line.
-LAUNCH='python3 -c "import sys, jax; jax.distributed.initialize(); from fedrag_jax.cli import main; sys.exit(main())"'
+# The fedrag-jax command line every worker runs (as a module: pip's console scripts may not be
+# on the PATH of a non-interactive ssh shell). The scripts add distributed=true, with which
+# the CLI calls jax.distributed.initialize() (on TPU it finds the other hosts by itself)
+# before anything touches the devices.
+LAUNCH='python3 -m fedrag_jax.cli'
 
 # A word quoted for a bash command line: as is when safe, "..." when nothing in it is special
 # inside double quotes, '...' otherwise; "--flag=value" keeps the flag outside the quotes.

@@ -78,8 +78,8 @@ check_output() {
 if [[ "$ENGINE" == spmd ]]; then
   ((SLICES == 1)) || die "the SPMD simulator runs on one slice; use --engine flower for several"
   check_output
-  args=(train --config "$CONFIG" federated=true fed.engine=spmd
-    "fed.num_clients=${CLIENTS:-4}" "output_dir=$OUTPUT")
+  args=(federate --config "$CONFIG" fed.engine=spmd "fed.num_clients=${CLIENTS:-4}"
+    "output_dir=$OUTPUT" distributed=true)
   if [[ -n "$ROUNDS" ]]; then
     args+=("fed.rounds=$ROUNDS")
   fi

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Train on every worker of a TPU VM / pod slice: the same `fedrag-jax train` command runs on
-# all hosts (--worker=all), each process joins the others with jax.distributed.initialize()
-# (auto-detected on Cloud TPU) and the one global mesh of the config spans the whole slice.
+# Train on every worker of a TPU VM / pod slice: the same `fedrag-jax train ... distributed=true`
+# command runs on all hosts (--worker=all), each process joins the others with
+# jax.distributed.initialize() (auto-detected on Cloud TPU) and the one global mesh of the
+# config spans the whole slice.
 #
 #   tpu/train.sh --preset v5e-8 --output gs://my-bucket/runs/lsr --dry-run
 #   tpu/train.sh --preset v5p-64 --output gs://my-bucket/runs/ralt -- mode=generator ralt.steps=200
 #
-# Words after "--" are key=value config overrides. Checkpoints, metrics and exports go to
-# output_dir=gs://... (orbax writes to Cloud Storage from every host); --mount instead mounts
-# the bucket with gcsfuse on every worker and passes the mounted path.
+# Words after "--" are key=value config overrides. Checkpoints, metrics, plots and the tuned
+# system go to output_dir=gs://... (every host writes its checkpoint shards, the first host
+# the rest); --mount instead mounts the bucket with gcsfuse on every worker and passes the
+# mounted path.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh
@@ -65,7 +67,7 @@ if ((MOUNT)); then
   setup+=" && mkdir -p \"$mnt\" && (mountpoint -q \"$mnt\" || gcsfuse --implicit-dirs $bucket \"$mnt\")"
   output_dir="output_dir=\"$mnt${OUTPUT#gs://"$bucket"}\""
 fi
-train="$LAUNCH train --config $(quote "$CONFIG") $output_dir"
+train="$LAUNCH train --config $(quote "$CONFIG") $output_dir distributed=true"
 if ((${#OVERRIDES[@]})); then
   train+=" $(quote_all "${OVERRIDES[@]}")"
 fi

@@ -17,6 +17,7 @@ from .benchmarks import (
     load_mmlu,
     load_nq_open,
     load_pubmedqa,
+    load_qa_jsonl,
     load_squad_v2,
     load_trivia_qa,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "load_mmlu",
     "load_nq_open",
     "load_pubmedqa",
+    "load_qa_jsonl",
     "load_squad_v2",
     "load_trivia_qa",
     "mrr",

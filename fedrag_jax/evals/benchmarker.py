@@ -9,15 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..outputs import open_atomic, out_path
 from .benchmarks import BenchmarkExample
 from .metrics import (
     answer_to_choice,
@@ -90,7 +89,7 @@ class BenchmarkResult:
     counts: dict[str, int]
     examples: list[ExampleResult]
     recall_k: int | None = None
-    out_dir: Path | None = None
+    out_dir: os.PathLike | None = None  # an epath.Path: local or gs://
 
     @property
     def num_examples(self) -> int:
@@ -101,21 +100,15 @@ class BenchmarkResult:
         return {"num_examples": self.num_examples, "metrics": self.metrics,
                 "counts": self.counts, "recall_k": self.recall_k}
 
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[str]]:
-    """Write to a temporary sibling, fsync, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    def table(self) -> str:
+        """The aggregate as a Markdown table: metric, mean, examples it applies to."""
+        k = "k" if self.recall_k is None else str(self.recall_k)
+        labels = {"exact_match": "EM", "f1": "F1", "mc_accuracy": "accuracy (multiple choice)",
+                  "recall_at_k": f"recall@{k}", "mrr": f"MRR@{k}"}
+        rows = ["| metric | value | examples |", "|---|---|---|"]
+        rows += [f"| {labels.get(name, name)} | {value:.4f} | {self.counts[name]} |"
+                 for name, value in self.metrics.items()]
+        return "\n".join(rows)
 
 
 class Benchmarker:
@@ -147,7 +140,7 @@ class Benchmarker:
         self.examples = list(benchmark_examples)
         self.batch_size = batch_size
         self.prompt_builder = prompt_builder or default_prompt
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = out_path(out_dir) if out_dir is not None else None  # local or gs://
         self.recall_k = recall_k
         self.progress = progress
 
@@ -199,7 +192,7 @@ class Benchmarker:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 # Lines stream into the temporary file as batches finish; it becomes
                 # examples.jsonl only once the whole run succeeded.
-                jsonl = stack.enter_context(_atomic_file(self.out_dir / "examples.jsonl"))
+                jsonl = stack.enter_context(open_atomic(self.out_dir / "examples.jsonl"))
             bar = stack.enter_context(tqdm(total=len(examples), desc="benchmark", unit="ex",
                                            disable=not self.progress))
             for start in range(0, len(examples), self.batch_size):
@@ -231,6 +224,6 @@ class Benchmarker:
             counts={k: m.count for k, m in means.items() if m.count},
             examples=results, recall_k=self.recall_k, out_dir=self.out_dir)
         if self.out_dir is not None:
-            with _atomic_file(self.out_dir / "aggregate.json") as f:
+            with open_atomic(self.out_dir / "aggregate.json") as f:
                 json.dump(result.aggregate(), f, indent=2)
         return result

@@ -503,6 +503,67 @@ _ALIASES = {"nq": "nq_open", "natural_questions": "nq_open", "natural_questions_
             "hotpot_qa": "hotpotqa", "squadv2": "squad_v2", "squad2": "squad_v2"}
 
 
+def load_qa_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[BenchmarkExample]:
+    """Examples from a JSONL file of our own simple schema, one object per line:
+
+    ``query`` (or ``question``); ``answers`` (list) or ``answer`` / ``response`` (string);
+    optional ``gold_id`` / ``gold_passage_id`` (the knowledge-store id of the passage that
+    answers it: enables recall@k and MRR), ``gold_passage`` (its text), ``choices`` with
+    ``gold_choice`` (index or letter: multiple choice), ``id``. The training records of
+    ``data.train`` / ``data.eval`` ({query, response, gold_id}) are valid input as they are.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"no such JSONL file: {path}; pass a file of {{query, answer}} lines")
+    examples: list[BenchmarkExample] = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: each line must be a JSON object")
+            examples.append(_qa_row(_Record(row, f"{path}:{line_no}"), row, line_no))
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def _qa_row(r: _Record, row: dict[str, Any], line_no: int) -> BenchmarkExample:
+    def fail(problem: str) -> DataError:
+        return DataError(f"{r.where}: {problem}; each line needs 'query' and 'answer' "
+                         "(or 'answers'), see fedrag_jax.evals.load_qa_jsonl")
+
+    query_key = next((k for k in ("query", "question") if r.has(k)), None)
+    if query_key is None:
+        raise fail("no 'query'")
+    if r.has("answers"):
+        answers = r.texts("answers")
+    else:
+        key = next((k for k in ("answer", "response") if r.has(k)), None)
+        if key is None and not r.has("choices"):
+            raise fail("no 'answer'")
+        answers = [r.text(key)] if key else []
+    choices = gold = None
+    if r.has("choices"):
+        choices = r.texts("choices", nonempty=True)
+        if not r.has("gold_choice"):
+            raise fail("'choices' without 'gold_choice'")
+        gold = r.choice_index("gold_choice", len(choices))
+        answers = answers or [choices[gold]]
+    gold_id = row.get("gold_passage_id", row.get("gold_id"))
+    return BenchmarkExample(
+        example_id=str(row.get("id", line_no)), query=r.text(query_key, nonempty=True),
+        answers=_dedupe(answers), choices=choices, gold_choice=gold,
+        gold_passage=r.text("gold_passage") if r.has("gold_passage") else None,
+        gold_passage_id=None if gold_id is None else str(gold_id))
+
+
 def load_benchmark(name: str, **kwargs: Any) -> list[BenchmarkExample]:
     """Load a benchmark by name (case, '-' and ' ' ignored); kwargs go to its loader."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")

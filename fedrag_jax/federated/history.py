@@ -17,12 +17,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from .. import outputs
 from ..checkpoint import CheckpointManager
 from ..errors import ConfigError, WeightMismatchError
 
@@ -99,7 +99,7 @@ class RoundCheckpoints:
     """Per-round server checkpoints under ``directory``; step number = completed round."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
-        self.directory = Path(directory)
+        self.directory = outputs.out_path(directory)  # local or gs://
         self.manager = CheckpointManager(self.directory, keep=keep, async_save=False)
 
     def save(self, round_: int, params: Any, server_state: dict | None,
@@ -107,8 +107,9 @@ class RoundCheckpoints:
         state = {"params": params, "server": server_state or {}}
         meta = {"round": round_, "strategy": strategy, "engine": engine,
                 "history": [r.to_dict() for r in history]}
-        self.manager.save(round_, jax.device_get(state), meta)
-        (self.directory / "history.json").write_text(json.dumps(meta, indent=1))
+        self.manager.save(round_, jax.device_get(state), meta)  # every process
+        if outputs.is_primary():
+            outputs.write_text(self.directory / "history.json", json.dumps(meta, indent=1))
 
     def restore(self, params_template: Any, server_template: dict | None, strategy: str
                 ) -> tuple[int, Any, dict | None, list[RoundRecord]] | None:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .. import assets
+from .. import assets, outputs
 from ..config import Config
 from ..errors import ConfigError
 from ..evals.benchmarker import Benchmarker
@@ -132,7 +132,7 @@ class FinetuneManager:
         self.eval_records = list(eval_records)
         self.config = config
         self.mesh = mesh if mesh is not None else make_mesh(vars(config.mesh))
-        self.output_dir = Path(config.output_dir)
+        self.output_dir = outputs.out_path(config.output_dir)  # local or gs://
         self.results: dict[str, Any] = {}
         # LSR datasets are costly (every (query, passage) pair is LM-scored) and depend only
         # on the records and the models that built them: managers may share this cache.
@@ -166,9 +166,10 @@ class FinetuneManager:
                                          answers=[r["response"]],
                                          gold_passage_id=r.get("gold_id"))
                         for i, r in enumerate(records)]
+            primary = outputs.is_primary()  # every host generates; one writes
             result = Benchmarker(self.rag, examples, batch_size=16, recall_k=k,
-                                 out_dir=self.output_dir / "eval" / name,
-                                 progress=self.config.progress).run()
+                                 out_dir=self.output_dir / "eval" / name if primary else None,
+                                 progress=self.config.progress and primary).run()
             metrics.update({key: float(v) for key, v in result.metrics.items()})
         elif records[0].get("gold_id") is not None:
             metrics["recall_at_k"] = self.recall([r["query"] for r in records],
@@ -427,8 +428,28 @@ class FinetuneManager:
             else:
                 self.install_generator(model)
             histories[method] = result.to_dict()
+            self._write_rounds(method, result.history)
         self.results["federated_history"] = histories
         return histories
+
+    def _write_rounds(self, method: str, history: list) -> None:
+        """One line per round in federated_<method>/metrics.jsonl, like the trainers' logs."""
+        lines = [json.dumps({"split": "round", "round": r.round, "aggregated": r.aggregated,
+                             "train_loss": r.train_loss, "eval_loss": r.eval_loss,
+                             "clients": len(r.clients), "rejected": len(r.rejected),
+                             "failed": len(r.failed), "seconds": r.seconds}) + "\n"
+                 for r in history]
+        if outputs.is_primary():
+            outputs.write_text(self.output_dir / f"federated_{method}" / "metrics.jsonl",
+                               "".join(lines))
+
+    def save_system(self):
+        """The tuned RAG system, as one folder: output_dir/rag (RAGSystem.from_pretrained).
+        Written by the first process only; returns its path (local or gs://)."""
+        target = self.output_dir / "rag"
+        if outputs.is_primary():
+            self.rag.save_pretrained(target)
+        return target
 
     def _trainer_config(self, name: str, steps: int) -> TrainerConfig:
         c = self.config
@@ -458,6 +479,7 @@ class FinetuneManager:
         return self._write_results()
 
     def _write_results(self) -> dict[str, Any]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        if outputs.is_primary():
+            outputs.write_text(self.output_dir / "results.json",
+                               json.dumps(self.results, indent=2))
         return self.results

@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import outputs
 from ..checkpoint import CheckpointManager
 from ..errors import ConfigError, DataError
 from ..sharding import shard_batch
@@ -104,16 +107,17 @@ class Trainer:
                 step_fn = compile_step(step_fn, state, data.batch_at(0, 0), mesh)
         self.state = _own_buffers(state)
         self.step_fn = step_fn
-        self.output_dir = Path(config.output_dir)
-        self.primary = jax.process_index() == 0  # one host writes logs and plots
+        self.output_dir = outputs.out_path(config.output_dir)  # local or gs://
+        self.primary = outputs.is_primary()  # one host writes logs and plots
         # open only inside train(): the logs, and the throughput window [start, steps, examples]
         self._jsonl: Any = None
         self._writer: Any = None
+        self._tb: Any = None
         self._window: list | None = None
         self._t0 = time.time()
 
     @property
-    def metrics_path(self) -> Path:
+    def metrics_path(self):
         return self.output_dir / "metrics.jsonl"
 
     # --- the loop ---------------------------------------------------------------------------
@@ -142,9 +146,10 @@ class Trainer:
                      cfg.name, done, cfg.total_steps)
             self._plot()
             return state
-        writer = SummaryWriter(str(self.output_dir / "tensorboard"),
-                               purge_step=done + 1 if done else None) if self.primary else None
-        self._jsonl = open(self.metrics_path, "a") if self.primary else None
+        self._tb = _TensorBoardDir(self.output_dir / "tensorboard") if self.primary else None
+        writer = SummaryWriter(str(self._tb.local), purge_step=done + 1 if done else None) \
+            if self._tb is not None else None
+        self._jsonl = MetricsLog(self.metrics_path) if self.primary else None
         self._writer = writer
         bar = tqdm(total=cfg.total_steps, initial=done, desc=cfg.name, unit="step",
                    disable=not (cfg.progress and self.primary), dynamic_ncols=True)
@@ -202,6 +207,7 @@ class Trainer:
                 self._jsonl.close()
             if writer is not None:
                 writer.close()
+                self._tb.close()
             self._jsonl = self._writer = self._window = None
         self._plot()
         self.state = state
@@ -226,7 +232,7 @@ class Trainer:
     # --- logging ----------------------------------------------------------------------------
     def _record(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(record)
         if self._writer is not None:
             split, step = record["split"], record["step"]
             for key, value in record.items():
@@ -273,6 +279,7 @@ class Trainer:
             self._jsonl.flush()
         if self._writer is not None:
             self._writer.flush()
+            self._tb.sync()
         t = time.perf_counter()
         ckpt.save(step, state, {"step": step, "epoch": epoch, "data_position": [epoch, index],
                                 "name": self.config.name,
@@ -291,14 +298,66 @@ class Trainer:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
+        outputs.write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def _plot(self) -> None:
         if self.config.plot and self.primary and self.metrics_path.exists():
             plot_metrics(read_metrics(self.metrics_path), self.output_dir / "loss.png",
                          title=self.config.name)
+
+
+# --- outputs ----------------------------------------------------------------------------------
+class MetricsLog:
+    """``metrics.jsonl``, one JSON record a line. Local: appended to, line by line. On an
+    object store, which cannot append, the records are kept and the whole object rewritten
+    at each ``flush`` (each checkpoint) and at ``close``: the log is small."""
+
+    def __init__(self, path: Any):
+        self.path = path
+        self.remote = outputs.is_remote(path)
+        if self.remote:
+            self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        else:
+            self._file = open(path, "a")  # closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+        else:
+            self._file.write(line)
+
+    def flush(self) -> None:
+        if self.remote:
+            outputs.write_text(self.path, "".join(self._lines))
+        else:
+            self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._file.close()
+
+
+class _TensorBoardDir:
+    """Where the SummaryWriter writes: the output folder itself when local; for an object
+    store, a local folder whose event files are uploaded at every ``sync`` (tensorboardX
+    would need the google-cloud-storage client to write gs:// itself)."""
+
+    def __init__(self, target: Any):
+        self.target = target
+        self.remote = outputs.is_remote(target)
+        self.local = Path(tempfile.mkdtemp(prefix="fedrag-jax-tb-")) if self.remote else \
+            Path(os.fspath(target))
+
+    def sync(self) -> None:
+        if self.remote:
+            outputs.upload_tree(self.local, self.target)
+
+    def close(self) -> None:
+        if self.remote:
+            self.sync()
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -342,7 +401,7 @@ def _to_python(value: Any) -> Any:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (a torn last line is skipped)."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in outputs.out_path(path).read_text().splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -376,7 +435,8 @@ def plot_metrics(records: Iterable[dict[str, Any]], path: str | os.PathLike,
             axes[1].plot(*zip(*points, strict=True), marker="o", label=key)
         axes[1].set(xlabel="step", title=f"{title} eval".strip())
         axes[1].legend()
-    fig.savefig(path, dpi=100)
+    with outputs.open_atomic(path, "wb") as f:  # local or gs://
+        fig.savefig(f, format="png", dpi=100)
 
 
 def _finite(value: Any) -> bool:

@@ -70,9 +70,12 @@ class LSRConfig:
     max_length: int = 384  # prompt + answer tokens when the generator scores a passage
     score_batch_size: int = 16  # (query, passage) pairs per generator scoring forward
     train_context: bool = False  # also train the context tower (then re-index)
-    # REPLUG-style refresh: the store is re-encoded by the training context tower, its index
-    # rebuilt, and the LSR candidates re-retrieved from it
-    reindex_every: int = 0  # with train_context: steps between store refreshes (0: at the end)
+    # RA-DIT retrieves with the *current* query tower: every N steps each training query's
+    # top-k is re-retrieved (only new pairs are LM-scored); with train_context the store is
+    # first re-encoded and re-indexed (REPLUG). Fixed candidates only constrain scores among
+    # themselves, so without refreshes the query tower can drift until unscored passages
+    # outrank them.
+    refresh_every: int = 0  # steps between candidate refreshes (0: none; store re-indexed at end)
     # candidates per query (default: retrieval.top_k); more let LSR lift good passages from
     # below the cut into the top k
     top_k: int | None = None  # candidates per query (default: retrieval.top_k)

@@ -48,9 +48,10 @@ def make_qa_pairs(corpus: Sequence[dict], num_train: int, num_eval: int, *, seed
     if len(usable) < num_train + num_eval:
         raise DataError(f"only {len(usable)} usable corpus articles for {num_train} train + "
                         f"{num_eval} dev questions; lower the counts or widen the topics")
-    # dev first: the dev set depends on (seed, num_eval) only, so runs with more or fewer
-    # training questions are measured on the same questions
+    # dev from the front of one shuffled order, train from its back: the dev set depends on
+    # (seed, num_eval) only and the train set on (seed, num_train) only, so runs of other
+    # sizes are measured on the same questions (and bigger train sets contain smaller ones)
     order = np.random.default_rng(seed).permutation(len(usable))
     dev = [usable[i] for i in order[:num_eval]]
-    train = [usable[i] for i in order[num_eval:num_eval + num_train]]
+    train = [usable[i] for i in order[::-1][:num_train]]
     return train, dev

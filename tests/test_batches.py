@@ -121,3 +121,30 @@ def test_train_context_reaches_the_context_tower(parts):
     assert np.isfinite(float(metrics["loss"]))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                         jax.tree.leaves(after), strict=True))
+
+
+def test_lsr_training_scores_equal_search_time_scores_with_prefixes(parts):
+    """e5 / bge style prefixes: the step must score the same text the retriever searches
+    with, else LSR trains a different function from the one serving queries."""
+    import jax.numpy as jnp
+
+    from fedrag_jax.finetune.steps import Towers
+    from fedrag_jax.retriever import DualEncoder
+
+    plain, store, generator, records = parts
+    retriever = DualEncoder(plain.query_encoder, plain.tokenizer, max_length=64, batch_size=8,
+                            query_prefix="w7 ", context_prefix="w8 ")
+    data = build_lsr_dataset(records, retriever, store, generator, top_k=3, batch_size=4,
+                             template=TEMPLATE, progress=False, passage_tokens=True)
+    batch = data.batch_at(0, 0)
+    rows = data.indices(0, 0)[0]
+    tower = retriever.query_encoder
+    q = np.asarray(tower(jnp.asarray(batch["query_ids"]), jnp.asarray(batch["query_mask"])))
+    expected_q = retriever.encode_query([records[i]["query"] for i in rows])
+    np.testing.assert_allclose(q, expected_q, atol=1e-5)
+    b, k, length = batch["passage_ids"].shape
+    e = np.asarray(Towers(tower, tower).context_tower(
+        jnp.asarray(batch["passage_ids"].reshape(b * k, length)),
+        jnp.asarray(batch["passage_mask"].reshape(b * k, length))))
+    texts = [n.text for n in store.get([str(i) for i in data.passage_ids[rows].reshape(-1)])]
+    np.testing.assert_allclose(e, retriever.encode_context(texts, progress=False), atol=1e-5)

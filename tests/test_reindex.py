@@ -1,6 +1,6 @@
-"""LSR with a training context tower refreshes the store on a schedule (REPLUG-style), and
-builds the following batches from the refreshed store; with a frozen context tower nothing
-is re-indexed."""
+"""LSR refreshes its candidates on a schedule: with a training context tower the store is
+re-encoded and re-indexed first (REPLUG-style) and the following batches come from it; with
+a frozen context tower the store stays and only the candidates are re-retrieved."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def setup(tmp_path, monkeypatch, *overrides):
 def test_train_context_reindexes_every_n_steps_and_retrieves_from_the_new_store(
         tmp_path, monkeypatch):
     manager, rag, store, texts, builds = setup(
-        tmp_path, monkeypatch, "lsr.steps=5", "lsr.train_context=true", "lsr.reindex_every=2")
+        tmp_path, monkeypatch, "lsr.steps=5", "lsr.train_context=true", "lsr.refresh_every=2")
     initial = embeddings(store)
     manager.train_retriever()
 
@@ -98,11 +98,11 @@ def test_train_context_reindexes_every_n_steps_and_retrieves_from_the_new_store(
 
 def test_frozen_context_tower_never_reindexes(tmp_path, monkeypatch):
     manager, rag, store, _, builds = setup(
-        tmp_path, monkeypatch, "lsr.steps=3", "lsr.train_context=false", "lsr.reindex_every=1")
+        tmp_path, monkeypatch, "lsr.steps=3", "lsr.train_context=false")
     initial = embeddings(store)
     manager.train_retriever()
     records = read_metrics(tmp_path / "run" / "lsr" / "metrics.jsonl")
-    assert not [r for r in records if r["split"] == "reindex"]
+    assert not [r for r in records if r["split"] in ("reindex", "refresh")]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     assert len(builds) == 1 and rag.store is store
     np.testing.assert_array_equal(embeddings(rag.store), initial)
@@ -111,10 +111,44 @@ def test_frozen_context_tower_never_reindexes(tmp_path, monkeypatch):
     assert "recall_at_k" in last and "exact_match" not in last
 
 
-def test_negative_reindex_every_is_refused(tmp_path):
+def test_frozen_context_tower_refreshes_candidates_with_the_current_query_tower(
+        tmp_path, monkeypatch):
+    """refresh_every without train_context: the store stays, the candidates are re-retrieved
+    with the training query tower (not the initial one) after steps 1 and 2, not after 3."""
+    manager, rag, store, _, builds = setup(
+        tmp_path, monkeypatch, "lsr.steps=3", "lsr.train_context=false", "lsr.refresh_every=1")
+    initial = embeddings(store)
+    query_tower0 = rag.retriever.query_encoder
+    queries = [r["query"] for r in manager.train_records]
+    q0 = rag.retriever.encode_query(queries, progress=False)
+    real_of = manager._retriever_of
+    seen = []
+
+    def spy_retriever_of(towers):
+        retriever = real_of(towers)
+        seen.append(retriever.encode_query(queries, progress=False))
+        return retriever
+
+    manager._retriever_of = spy_retriever_of
+    manager.train_retriever()
+    records = read_metrics(tmp_path / "run" / "lsr" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "refresh"] == [1, 2]
+    assert not [r for r in records if r["split"] == "reindex"]
+    assert len(builds) == 3 and all(b["store"] is store for b in builds)
+    assert rag.store is store
+    np.testing.assert_array_equal(embeddings(rag.store), initial)
+    # candidates came from the moving query tower, and only new pairs were LM-scored
+    assert len(seen) >= 2 and all(np.abs(q - q0).max() > 1e-4 for q in seen[:2])
+    for b in builds[1:]:
+        assert b["cached_scores"] > 0
+        np.testing.assert_allclose(b["logprobs"], b["fresh_logprobs"], rtol=1e-4, atol=1e-4)
+    assert rag.retriever.query_encoder is not query_tower0
+
+
+def test_negative_refresh_every_is_refused(tmp_path):
     retriever, store, generator, records = tiny_rag_parts(tmp_path, num_passages=4)
-    config = load_config(None, ["lsr.reindex_every=-1", "mesh.data=1"])
-    with pytest.raises(ConfigError, match="reindex_every"):
+    config = load_config(None, ["lsr.refresh_every=-1", "mesh.data=1"])
+    with pytest.raises(ConfigError, match="refresh_every"):
         FinetuneManager(RAGSystem(retriever, store, generator), records, [], config,
                         mesh=make_mesh(None, jax.devices()[:1]))
 
@@ -130,7 +164,7 @@ def test_resume_rebuilds_the_refreshed_store_and_ends_exact(tmp_path, monkeypatc
 
     from fedrag_jax.finetune.reindex import IndexRefresher
 
-    settings = ("lsr.steps=4", "lsr.train_context=true", "lsr.reindex_every=2",
+    settings = ("lsr.steps=4", "lsr.train_context=true", "lsr.refresh_every=2",
                 "checkpoint_every=2")
     full, full_rag, *_ = setup(tmp_path / "full", monkeypatch, *settings)
     full.train_retriever()

@@ -228,11 +228,14 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
         lm_scores.update({keys[p]: float(logprobs[p]) for p in order})
 
     pad = retriever.tokenizer.pad_token_id or 0
-    q_ids, q_mask = right_pad(retriever.tokenize(queries), query_length_buckets, pad)
+    # the same text the retriever encodes at search time (e5 / bge style prefixes included)
+    q_ids, q_mask = right_pad(retriever.tokenize([retriever.query_prefix + q for q in queries]),
+                              query_length_buckets, pad)
     arrays = {"query_ids": q_ids, "query_mask": q_mask, "passage_emb": emb,
               "lm_logprobs": logprobs.reshape(len(records), top_k).astype(np.float32)}
     if passage_tokens:
-        p_ids, p_mask = right_pad(retriever.tokenize([nodes[i].text for i in flat_ids]),
+        p_ids, p_mask = right_pad(retriever.tokenize([retriever.context_prefix + nodes[i].text
+                                                      for i in flat_ids]),
                                   (retriever.max_length,), pad)
         arrays["passage_ids"] = p_ids.reshape(len(records), top_k, -1)
         arrays["passage_mask"] = p_mask.reshape(len(records), top_k, -1)

@@ -140,8 +140,8 @@ class FinetuneManager:
         for key in ("eval_generate_max",):
             if getattr(config, key) < 1:
                 raise ConfigError(f"{key}={getattr(config, key)}: answer at least 1 question")
-        if config.lsr.reindex_every < 0:
-            raise ConfigError(f"lsr.reindex_every={config.lsr.reindex_every}: use 0 (only "
+        if config.lsr.refresh_every < 0:
+            raise ConfigError(f"lsr.refresh_every={config.lsr.refresh_every}: use 0 (only "
                               "after the last step) or a positive number of steps")
 
     @classmethod
@@ -279,12 +279,13 @@ class FinetuneManager:
                             tau_retrieval=lsr.tau_retrieval, tau_lm=lsr.tau_lm,
                             micro_batches=lsr.micro_batches)
         refresher = None
-        if lsr.train_context:  # the store follows the context tower (REPLUG-style refresh)
+        if lsr.train_context or lsr.refresh_every:  # candidates (and store) follow the towers
             lm_scores = {(r["query"], r["response"], str(p)): float(s) for r, ids, lps in zip(
                 self.train_records, data.passage_ids, data.arrays["lm_logprobs"], strict=True)
                 for p, s in zip(ids, lps, strict=True)}
             refresher = IndexRefresher(
-                data, every=lsr.reindex_every, total_steps=lsr.steps, reindex=self.reindex_store,
+                data, every=lsr.refresh_every, total_steps=lsr.steps,
+                reindex=self.reindex_store if lsr.train_context else None,
                 rebuild=lambda towers: self._build_lsr_dataset(
                     self.train_records, self._retriever_of(towers), lm_scores))
         trainer = Trainer(state, step, refresher or data, self._trainer_config("lsr", lsr.steps),

@@ -1,24 +1,29 @@
-"""Refresh the knowledge store while LSR trains the context tower.
+"""Refresh the LSR candidates (and the knowledge store) while the retriever trains.
 
-Once the context tower moves, the store's passage embeddings (and the index built on them)
-describe an older model: retrieval drifts away from what the towers now score. Following
-REPLUG (Shi et al. 2023, "REPLUG: Retrieval-Augmented Black-Box Language Models", sec. 4:
-the index is recomputed every T training steps) and RA-DIT's asynchronous index refresh, the
-:class:`IndexRefresher` hook, every ``every`` steps and after the last one:
+LSR scores a fixed set of top-k candidates per query, and its loss constrains the query
+tower's scores only *among* them: left alone, the query embeddings drift until passages
+that were never scored outrank the candidates, and recall over the whole store falls even as
+the loss falls. RA-DIT retrieves with the current query encoder; we approximate that every
+``lsr.refresh_every`` steps by re-retrieving each training query's top-k with the current
+query tower (LM-scoring only the pairs not scored before: the generator is frozen).
 
-    1. re-encodes every passage with the current context tower and rebuilds the index
-       (ScaNN or exact, as configured)  -> ``reindex(towers)``
-    2. re-retrieves each training query's top-k candidates from that refreshed store with the
-       current query tower, and LM-scores only the pairs not scored before
-       -> ``rebuild(towers)``: the LSR batches of the following steps come from it
+When the context tower trains too, the store's embeddings (and the index built on them)
+describe an older model; following REPLUG (Shi et al. 2023, "REPLUG: Retrieval-Augmented
+Black-Box Language Models", sec. 4: the index is recomputed every T training steps) and
+RA-DIT's asynchronous index refresh, the refresh first re-encodes every passage with the
+current context tower and rebuilds the index (ScaNN or exact, as configured), also once
+after the last step. So the :class:`IndexRefresher` hook, when due:
 
-and logs a ``{"split": "reindex", "step", "seconds"}`` record. The refresher is also the
-trainer's data source, so the swap is seen by the next ``batch_at``. The dataset keeps its
-size and shapes, so the jitted step does not recompile.
+    1. (context tower trained) re-encodes the corpus, rebuilds the index -> ``reindex(towers)``
+    2. re-retrieves the candidates with the current query tower           -> ``rebuild(towers)``
+
+and logs a ``{"split": "reindex" | "refresh", "step", "seconds"}`` record. The refresher is
+also the trainer's data source, so the swap is seen by the next ``batch_at``. The dataset
+keeps its size and shapes, so the jitted step does not recompile.
 
 Resume: after a restart from step ``s`` the store is rebuilt from the restored state. That is
 the state the last refresh used when ``s`` is a refresh step (``checkpoint_every`` a multiple
-of ``reindex_every``), and then the resumed run is exact; otherwise the index is one from
+of ``refresh_every``), and then the resumed run is exact; otherwise the index is one from
 step ``s`` rather than from the last refresh step before it.
 """
 
@@ -42,14 +47,17 @@ class IndexRefresher:
     """A trainer hook and data source: refreshes the store and the LSR candidates.
 
     ``reindex(towers)``: re-encode the corpus with ``towers.context_tower`` and install the
-    new store. ``rebuild(towers) -> LSRDataset``: the training candidates retrieved from the
-    (refreshed) store. Neither may keep ``towers``: its arrays are donated at the next step.
+    new store; None when the context tower is frozen (the store stays valid, only the
+    candidates are refreshed). ``rebuild(towers) -> LSRDataset``: the training candidates
+    retrieved from the (refreshed) store with the current query tower. Neither may keep
+    ``towers``: its arrays are donated at the next step.
     """
 
     def __init__(self, data: LSRDataset, *, every: int, total_steps: int,
-                 reindex: Callable[[Towers], Any], rebuild: Callable[[Towers], LSRDataset]):
+                 reindex: Callable[[Towers], Any] | None,
+                 rebuild: Callable[[Towers], LSRDataset]):
         if every < 0:
-            raise ConfigError(f"lsr.reindex_every={every}: use 0 (only after the last step) "
+            raise ConfigError(f"lsr.refresh_every={every}: use 0 (only after the last step) "
                               "or a positive number of steps")
         self.data = data
         self.every = every
@@ -57,7 +65,8 @@ class IndexRefresher:
         self.reindex = reindex
         self.rebuild = rebuild
         self.trainer: Any = None  # set to the Trainer to log refresh events
-        self.refreshed_at: list[int] = []  # steps whose state the store was rebuilt from
+        self.refreshed_at: list[int] = []  # steps whose state the refreshes used
+        self.event = "reindex" if reindex is not None else "refresh"
 
     # --- the data source the trainer reads ---------------------------------------------------
     def __len__(self) -> int:
@@ -68,13 +77,16 @@ class IndexRefresher:
 
     # --- the hook -----------------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        return step == self.total_steps or (self.every > 0 and step % self.every == 0)
+        # after the last step only a store has something left to refresh
+        last = step == self.total_steps and self.reindex is not None
+        return last or (self.every > 0 and step % self.every == 0 and step < self.total_steps)
 
     def refresh(self, step: int, state: TrainState) -> float:
         """Rebuild the store (and, unless training is over, the candidates); seconds taken."""
         start = time.perf_counter()
         towers = state.model()
-        self.reindex(towers)
+        if self.reindex is not None:
+            self.reindex(towers)
         if step < self.total_steps:  # no batch follows the last step
             data = self.rebuild(towers)
             if len(data) != len(self.data):
@@ -88,12 +100,15 @@ class IndexRefresher:
         if not self.due(step):
             return
         seconds = self.refresh(step, state)
-        log.info("step %d: re-encoded and re-indexed the store in %.2fs", step, seconds)
+        log.info("step %d: %s in %.2fs", step, "re-indexed the store and re-retrieved the "
+                 "candidates" if self.reindex else "re-retrieved the candidates", seconds)
         if self.trainer is not None:
-            self.trainer.log_event(step, "reindex", {"seconds": seconds})
+            self.trainer.log_event(step, self.event, {"seconds": seconds})
 
     def on_start(self, step: int, state: TrainState) -> None:
         """After a resume: the store and the candidates from the restored towers."""
+        if step >= self.total_steps and self.reindex is None:
+            return  # finished, and nothing derived from the state lives outside it
         if step > 0 and (self.every > 0 and step >= self.every or step >= self.total_steps):
             seconds = self.refresh(step, state)
             log.info("resumed at step %d: re-indexed the store in %.2fs", step, seconds)

@@ -25,7 +25,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..evals.benchmarker import Benchmarker
 from ..evals.benchmarks import BenchmarkExample
-from ..evals.metrics import exact_match, token_f1
+from ..evals.metrics import exact_match, mrr, recall_at_k, token_f1
 from ..generator import Generator
 from ..indexing import build_store, load_corpus, reencode_store
 from ..knowledge_store import load_store
@@ -154,30 +154,49 @@ class FinetuneManager:
     # --- evaluation --------------------------------------------------------------------------
     def evaluate(self, name: str, records: list[dict] | None = None, *,
                  generate: bool = True) -> dict[str, float]:
-        """Dev recall@k / MRR of the gold passage, and EM / F1 of the generated answers."""
+        """Dev recall@k / MRR of the gold passage over every dev record that names one, and
+        EM / F1 of generated answers over the first ``eval_generate_max`` of them.
+
+        Retrieval is cheap (one query encoding each), generation is not: scoring retrieval on
+        many more questions than are answered keeps its figure from moving by whole questions.
+        """
         records = self.eval_records if records is None else records
         if not records:
             return {}
         start = time.perf_counter()
         k = self.rag.config.top_k
         metrics: dict[str, float] = {}
-        if generate:
+        answered = records[: self.config.eval_generate_max] if generate else []
+        if answered:
             examples = [BenchmarkExample(example_id=str(i), query=r["query"],
                                          answers=[r["response"]],
                                          gold_passage_id=r.get("gold_id"))
-                        for i, r in enumerate(records)]
+                        for i, r in enumerate(answered)]
             primary = outputs.is_primary()  # every host generates; one writes
             result = Benchmarker(self.rag, examples, batch_size=16, recall_k=k,
                                  out_dir=self.output_dir / "eval" / name if primary else None,
                                  progress=self.config.progress and primary).run()
             metrics.update({key: float(v) for key, v in result.metrics.items()})
-        elif records[0].get("gold_id") is not None:
-            metrics["recall_at_k"] = self.recall([r["query"] for r in records],
-                                                 [r["gold_id"] for r in records])
+            metrics["num_answered"] = len(answered)
+        gold = [r for r in records if r.get("gold_id") is not None]
+        if gold:
+            metrics.update(self.retrieval_metrics([r["query"] for r in gold],
+                                                  [r["gold_id"] for r in gold]))
+            metrics["num_retrieval"] = len(gold)
         metrics["seconds"] = time.perf_counter() - start
         self.results[name] = metrics
         log.info("%s: %s", name, metrics)
         return metrics
+
+    def retrieval_metrics(self, queries: list[str], gold_ids: list[str],
+                          retriever: DualEncoder | None = None) -> dict[str, float]:
+        """recall@k and MRR@k of the gold passages, k = the RAG system's top_k."""
+        retriever = retriever or self.rag.retriever
+        k = self.rag.config.top_k
+        _, ids = self.rag.store.search(retriever.encode_query(queries), k)
+        retrieved = [[str(i) for i in row] for row in ids]
+        return {"recall_at_k": recall_at_k(retrieved, gold_ids, k),
+                "mrr": mrr(retrieved, gold_ids, k)}
 
     def recall(self, queries: list[str], gold_ids: list[str],
                retriever: DualEncoder | None = None) -> float:

@@ -100,3 +100,28 @@ def test_em_f1_against_hand_computed_values(tmp_path, monkeypatch):
         assert r["exact_match"] == pytest.approx(0.5)  # (1 + 1 + 0 + 0) / 4
         assert r["f1"] == pytest.approx(0.6)  # (1 + 1 + 0.4 + 0) / 4
         assert "recall_at_k" not in r  # no gold passages known here
+
+
+def test_final_evaluation_scores_retrieval_on_every_dev_record_and_answers_the_first_n(
+        tmp_path):
+    from fedrag_jax.evals.metrics import mrr, recall_at_k
+
+    _, _, _, records = tiny_rag_parts(tmp_path / "data")
+    for i, r in enumerate(records):
+        r["gold_id"] = f"p{i}"
+    manager, rag = make_manager(tmp_path, records, "eval_generate_max=2")
+    manager.eval_records = records[:6]
+    metrics = manager.evaluate("check")
+    assert metrics["num_answered"] == 2 and metrics["num_retrieval"] == 6
+    answered = (tmp_path / "run" / "eval" / "check").rglob("*.jsonl")
+    lines = [line for f in answered for line in f.read_text().splitlines() if line.strip()]
+    assert len(lines) == 2
+    # retrieval over all six, computed here from the store directly
+    _, ids = rag.store.search(rag.retriever.encode_query([r["query"] for r in records[:6]]), 2)
+    retrieved = [[str(i) for i in row] for row in ids]
+    golds = [r["gold_id"] for r in records[:6]]
+    assert metrics["recall_at_k"] == pytest.approx(recall_at_k(retrieved, golds, 2))
+    assert metrics["mrr"] == pytest.approx(mrr(retrieved, golds, 2))
+    # retrieval only (generate=False): nothing is answered
+    only = manager.evaluate("retrieval_only", generate=False)
+    assert "exact_match" not in only and only["recall_at_k"] == metrics["recall_at_k"]

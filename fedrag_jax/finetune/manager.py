@@ -324,7 +324,9 @@ class FinetuneManager:
         dev = self.eval_records
         gold = [r for r in dev if r.get("gold_id")]
         generate = self._generate_in_eval(phase) and bool(dev)
-        loss_fn = self._ralt_dev_loss(dev) if phase == "ralt" and dev else None
+        # bounded like generation: every (question, passage) instance is a generator forward
+        loss_fn = (self._ralt_dev_loss(dev[: self.config.eval_generate_max])
+                   if phase == "ralt" and dev else None)
         if not (gold or generate or loss_fn):
             return None
         answered = dev[: self.config.eval_generate_max]

@@ -27,7 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # recall on 256 dev questions (cheap), EM / F1 on the first 48 (generation is not)
         "data": {"num_train": 192, "num_eval": 256}, "eval_generate_max": 48,
         "eval_generate": False,  # the demo evaluates each phase itself; no duplicate in-run pass
-        "retrieval": {"top_k": 3, "max_context_tokens": 64, "max_new_tokens": 12},
+        # 48 passage tokens (the lead sentence or two) keep 94 % of prompt+answer pairs within
+        # the 128-token bucket (64 would put 76 % in the 192 one): a third less LM compute
+        "retrieval": {"top_k": 3, "max_context_tokens": 48, "max_new_tokens": 12},
         # LSR ranks 6 candidates so it can lift gold passages from ranks 4-6 into the top 3;
         # 2 epochs at 3e-5 with a peaked LM target (tau_lm 0.1): see docs/demo.md for the sweep
         "lsr": {"steps": 48, "batch_size": 8, "learning_rate": 3e-5, "warmup_steps": 4,

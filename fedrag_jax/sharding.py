@@ -165,3 +165,23 @@ def variable_shardings(state, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def host_copy(module):
+    """A copy of an nnx module whose arrays are whole host (NumPy) arrays.
+
+    On a multi-host mesh a parameter's shards live on several hosts and no single process can
+    read it; this gathers every array that is not fully addressable (a collective: *every*
+    process must call it, in the same order) so that one process can then write files.
+    """
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    graphdef, state = nnx.split(module)
+
+    def gather(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+
+    return nnx.merge(graphdef, jax.tree.map(gather, state))

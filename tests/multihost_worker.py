@@ -111,9 +111,17 @@ def main(argv: list[str]) -> int:
         state, metrics = step(state, local_part(batch))
         losses.append(float(metrics["loss"]))
     params = multihost_utils.process_allgather(state.params, tiled=True)
+    # what saving the tuned system does: every process gathers, the first one writes
+    from fedrag_jax.models.hf import hf_tensors
+    from fedrag_jax.sharding import host_copy
+
+    spans_hosts = any(not x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    tower = host_copy(state.model().query_tower)
     if process_id == 0:
         arrays = flat_params(params)
         arrays["__losses__"] = np.asarray(losses)
+        arrays["__spans_hosts__"] = np.asarray(spans_hosts)
+        arrays.update({f"hf/{name}": a for name, a in hf_tensors(tower).items()})
         tmp = Path(out).with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(out)

@@ -39,7 +39,10 @@ def reference() -> tuple[dict[str, np.ndarray], list[float]]:
     for batch in batches:
         state, metrics = step(state, shard_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
-    return worker.flat_params(jax.device_get(state.params)), losses
+    from fedrag_jax.models.hf import hf_tensors
+
+    hf = {f"hf/{n}": a for n, a in hf_tensors(state.model().query_tower).items()}
+    return {**worker.flat_params(jax.device_get(state.params)), **hf}, losses
 
 
 def run_workers(out: Path, num_processes: int = 2) -> list[str]:
@@ -82,10 +85,14 @@ def test_two_processes_equal_one_process(tmp_path):
     run_workers(out)
     got = dict(np.load(out))
     losses = got.pop("__losses__")
+    # the parameters really were split across the two processes, and the tuned tower read
+    # for saving (host_copy on every process, hf_tensors on the first) equals the reference
+    assert bool(got.pop("__spans_hosts__"))
     want, want_losses = reference()
     assert sorted(got) == sorted(want) and len(want) > 10
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+    assert sum(n.startswith("hf/") for n in want) > 10
     before = worker.flat_params(worker.make_state().params)
-    assert any(not np.allclose(before[n], want[n]) for n in want)  # training moved something
+    assert any(not np.allclose(before[n], want[n]) for n in before)  # training moved something

@@ -9,6 +9,7 @@ It owns the RAG system, the train/dev records and the mesh; each phase builds it
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -33,7 +34,7 @@ from ..models.lora import apply_lora, has_lora, merge_lora
 from ..qa_data import make_qa_pairs
 from ..rag import RAGSystem
 from ..retriever import DualEncoder
-from ..sharding import make_mesh
+from ..sharding import host_copy, make_mesh
 from ..types import RAGConfig
 from .batches import build_lsr_dataset, build_ralt_dataset, load_records
 from .optimizer import OptimizerConfig, make_optimizer
@@ -469,8 +470,17 @@ class FinetuneManager:
         """The tuned RAG system, as one folder: output_dir/rag (RAGSystem.from_pretrained).
         Written by the first process only; returns its path (local or gs://)."""
         target = self.output_dir / "rag"
+        rag = self.rag
+        if jax.process_count() > 1:  # parameters may span hosts: every process gathers
+            rag = copy.copy(rag)
+            rag.retriever = copy.copy(rag.retriever)
+            rag.retriever.query_encoder = host_copy(rag.retriever.query_encoder)
+            if rag.retriever.context_encoder is not None:
+                rag.retriever.context_encoder = host_copy(rag.retriever.context_encoder)
+            rag.generator = copy.copy(rag.generator)
+            rag.generator.model = host_copy(rag.generator.model)
         if outputs.is_primary():
-            self.rag.save_pretrained(target)
+            rag.save_pretrained(target)
         return target
 
     def _trainer_config(self, name: str, steps: int) -> TrainerConfig:

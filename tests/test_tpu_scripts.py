@@ -148,16 +148,23 @@ def test_federate_dry_run(sandbox):
             "fed.engine=spmd fed.num_clients=4 output_dir=gs://bucket/fed distributed=true"
             ) in spmd
     lines = commands(sandbox.script("federate.sh", *V5E, "--engine", "flower", "--slices", "2",
-                                    "--output", "gs://bucket/fed", "--dry-run").stdout)
+                                    "--output", "gs://bucket/fed", "--method", "lsr",
+                                    "--dry-run", "--", "lsr.steps=3").stdout)
     assert lines[0].startswith("gcloud compute tpus tpu-vm describe fedrag-test-0")
     assert "tpu-vm ssh fedrag-test-0 --zone=us-west4-a --worker=0" in lines[1]
-    assert "JAX_PLATFORMS=cpu nohup flower-superlink --insecure" in lines[1]
+    # one SuperLink port (Flower 1.42), as tests/test_deployment.py runs it on loopback
+    assert ("JAX_PLATFORMS=cpu nohup flower-superlink --insecure --host 0.0.0.0 --port 9092 "
+            "--disable-runtime-dependency-installation") in lines[1]
     for i in range(2):
         node = lines[2 + i]
         assert f"tpu-vm ssh fedrag-test-{i} --zone=us-west4-a --worker=0" in node
         assert "flower-supernode --insecure --superlink=SUPERLINK_IP:9092" in node
-        assert f'--node-config="partition-id={i} num-partitions=2"' in node
-    assert "flwr run ~/fedrag-jax tpu --stream --run-config" in lines[4]
+        assert f'--node-config="partition-id={i}"' in node
+    assert 'address = \\"127.0.0.1:9092\\"' in lines[4]
+    # the app's run-config keys (fedrag_jax/federated/app.py)
+    assert ("flwr run ~/fedrag-jax tpu --stream --run-config "
+            '"config-path=\\"configs/tpu-v5e-8.yaml\\" overrides=\\"output_dir=gs://bucket/fed '
+            'fed.num_clients=2 lsr.steps=3\\" method=\\"lsr\\""') in lines[4]
     assert sandbox.calls() == []
 
 
@@ -255,24 +262,33 @@ def test_federate_flower_starts_superlink_supernodes_and_the_run(sandbox):
     describe, link, node0, node1, run = sandbox.calls("gcloud")
     assert describe[1:6] == ["compute", "tpus", "tpu-vm", "describe", "fedrag-test-0"]
     sandbox.remote(flag(link, "command"), wait_for="flower-superlink")
-    assert sandbox.calls("flower-superlink") == [["flower-superlink", "--insecure"]]
+    assert sandbox.calls("flower-superlink") == [[
+        "flower-superlink", "--insecure", "--host", "0.0.0.0", "--port", "9092",
+        "--disable-runtime-dependency-installation"]]
     for i, call in enumerate((node0, node1)):
         assert call[5] == f"fedrag-test-{i}" and flag(call, "worker") == "0"
         sandbox.remote(flag(call, "command"), wait_for="flower-supernode", count=i + 1)
         assert sandbox.calls("flower-supernode")[i][1:] == [
             "--insecure", "--superlink=10.1.2.3:9092",
-            f"--node-config=partition-id={i} num-partitions=2"]
+            f"--node-config=partition-id={i}"]
     assert (sandbox.home / "fedrag-jax" / "supernode.pid").read_text().strip().isdigit()
     sandbox.remote(flag(run, "command"), wait_for="flwr")
     (flwr,) = sandbox.calls("flwr")
     assert flwr[1:6] == ["run", f"{sandbox.home}/fedrag-jax", "tpu", "--stream", "--run-config"]
     from flwr.common.config import parse_config_args  # how `flwr run` reads --run-config
 
-    assert parse_config_args([flwr[6]]) == {
-        "config": "configs/tpu-v5e-8.yaml", "output-dir": "gs://bucket/fed", "num-clients": 2,
-        "rounds": 3}
+    run_config = parse_config_args([flwr[6]])
+    assert run_config == {
+        "config-path": "configs/tpu-v5e-8.yaml", "method": "",
+        "overrides": "output_dir=gs://bucket/fed fed.num_clients=2 fed.rounds=3"}
+    # ... and the deployed app reads it into the intended fedrag-jax config
+    from fedrag_jax.federated.app import config_from_run_config
+
+    config = config_from_run_config(run_config)
+    assert (config.output_dir, config.fed.num_clients, config.fed.rounds) == (
+        "gs://bucket/fed", 2, 3)
     connection = tomllib.loads((sandbox.home / ".flwr" / "config.toml").read_text())
-    assert connection == {"superlink": {"tpu": {"address": "127.0.0.1:9093", "insecure": True}}}
+    assert connection == {"superlink": {"tpu": {"address": "127.0.0.1:9092", "insecure": True}}}
 
 
 def test_create_wait_polls_until_active(sandbox):

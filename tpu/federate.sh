@@ -26,9 +26,11 @@ ROUNDS=""
 # shellcheck disable=SC2088  # the tilde is expanded on the workers
 APP="~/$REMOTE_DIR"
 STOP=0
+METHOD=""
 EXTRA=()
-FLEET_PORT=9092
-CONTROL_PORT=9093
+# Flower 1.42's SuperLink serves the Fleet and Control APIs on one port (as
+# tests/test_deployment.py runs it on loopback)
+LINK_PORT=9092
 
 usage() {
   cat <<EOF
@@ -40,6 +42,7 @@ usage: tpu/federate.sh [options] [-- key=value ...]
   --clients N              spmd: number of simulated clients (fed.num_clients)  [4]
   --rounds N               federated rounds (fed.rounds)
   --app DIR                flower: the Flower App folder on worker 0 of slice 0  [~/$REMOTE_DIR]
+  --method lsr|ralt        flower: what the run trains (one per flwr run)  [from the config's mode]
   --stop                   flower: stop the SuperLink and SuperNodes
 
 $COMMON_USAGE
@@ -56,6 +59,7 @@ while (($#)); do
     --clients) need_value "$@"; CLIENTS="$2"; shift 2 ;;
     --rounds) need_value "$@"; ROUNDS="$2"; shift 2 ;;
     --app) need_value "$@"; APP="$2"; shift 2 ;;
+    --method) need_value "$@"; METHOD="$2"; shift 2 ;;
     --stop) STOP=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) common_option "$@"; shift "$SHIFT_BY" ;;
@@ -122,24 +126,31 @@ else
 fi
 
 # started in the background, the process id kept in a file for --stop
+# --disable-runtime-dependency-installation: the app's dependencies are installed already
 tpu_ssh "$head_node" 0 "cd $dir || exit 1; JAX_PLATFORMS=cpu nohup flower-superlink --insecure \
+--host 0.0.0.0 --port $LINK_PORT --disable-runtime-dependency-installation \
 < /dev/null > superlink.log 2>&1 & echo \$! > superlink.pid"
 
 for i in "${!NODES[@]}"; do
   tpu_ssh "${NODES[$i]}" 0 "cd $dir || exit 1; nohup flower-supernode --insecure \
---superlink=$superlink_ip:$FLEET_PORT \
---node-config=\"partition-id=$i num-partitions=$SLICES\" \
+--superlink=$superlink_ip:$LINK_PORT \
+--node-config=\"partition-id=$i\" \
 < /dev/null > supernode.log 2>&1 & echo \$! > supernode.pid"
 done
 
-run_config="config=\\\"$CONFIG\\\" output-dir=\\\"$OUTPUT\\\" num-clients=$SLICES"
+# the app's run config (fedrag_jax/federated/app.py): the config file, fedrag-jax overrides
+# as one space-separated string, and the method
+overrides="output_dir=$OUTPUT fed.num_clients=$SLICES"
 if [[ -n "$ROUNDS" ]]; then
-  run_config+=" rounds=$ROUNDS"
+  overrides+=" fed.rounds=$ROUNDS"
 fi
 for kv in "${EXTRA[@]+"${EXTRA[@]}"}"; do
-  run_config+=" $kv"
+  [[ "$kv" != *[[:space:]\"\']* ]] || die "with --engine flower, '$kv' may not hold spaces or quotes"
+  overrides+=" $kv"
 done
-# a named connection "tpu" to the local SuperLink's Control API, for `flwr run`
-connection="[superlink.tpu]\\naddress = \\\"127.0.0.1:$CONTROL_PORT\\\"\\ninsecure = true\\n"
+[[ -z "$METHOD" || "$METHOD" == lsr || "$METHOD" == ralt ]] || die "--method must be lsr or ralt"
+run_config="config-path=\\\"$CONFIG\\\" overrides=\\\"$overrides\\\" method=\\\"$METHOD\\\""
+# a named connection "tpu" to the local SuperLink, for `flwr run`
+connection="[superlink.tpu]\\naddress = \\\"127.0.0.1:$LINK_PORT\\\"\\ninsecure = true\\n"
 tpu_ssh "$head_node" 0 "mkdir -p ~/.flwr && printf \"$connection\" > ~/.flwr/config.toml && \
 cd $dir && flwr run $APP tpu --stream --run-config \"$run_config\""

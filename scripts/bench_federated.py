@@ -1,0 +1,638 @@
+"""Federated benchmark: per-round overhead, bytes per round, SPMD simulator vs Flower (Ray).
+
+What is measured:
+
+1. Per-round overhead as a share of round time, on a real federated LSR round (query tower
+   trainable) and a RALT round (LoRA adapters of the generator trainable). The pieces of a
+   Flower round are timed one by one, in this process, with the functions the ServerApp and
+   ClientApp call:
+       server serialize    payload.to_arrayrecord(global params)
+       client deserialize  payload.from_arrayrecord(global record)  (validates it)
+       client training     FederatedTask.client_update (local_steps steps, compiled before)
+       client serialize    payload.to_arrayrecord(client params)
+       wire encoding       Array.deflate of every array (what a deployed transport sends)
+       server screening    server.screen_train_replies (from_arrayrecord + checks) x clients
+       aggregate           the Flower strategy's aggregate_train (FedAvg) over the replies
+       final deserialize   payload.from_arrayrecord(aggregate, cast=True)
+   Overhead share = overhead / (overhead + client training), on the critical path of a round
+   where clients train in parallel on their own hardware: one server serialize, one client's
+   deserialize + serialize + wire encoding, and the server's screening of *every* reply,
+   aggregation and final deserialize. The msgpack encoding (payload.encode / decode) and the
+   SPMD simulator's jitted FedAvg are timed too, for reference.
+   Models: the bundled MiniLM retriever and SmolLM2-135M generator (full run), or tiny random
+   ones built like the tests' (``--quick`` or ``--models tiny``); the table says which.
+2. Bytes per round: the serialized ArrayRecord of the full query tower (LSR) and of the
+   generator's LoRA adapters (RALT, rank from RALTConfig), per client upload and per round
+   (clients x 2 directions: the global params down, the client's params up); the full
+   generator's parameters (what RALT without LoRA would send, computed from the shapes at
+   the wire dtype) for comparison.
+3. The SPMD simulator vs Flower's simulation engine (Ray actors) on the same work: 8 clients
+   x ``--engine-local-steps`` steps x ``--engine-rounds`` rounds of LSR with tiny towers
+   (``--engine-models bundled``: MiniLM towers, where compute weighs far more). The
+   SPMD engine gets 8 host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 is set
+   before jax is imported). Reported: each engine's first run (compile and, for Flower, Ray
+   start-up included), a second run when asked (SPMD reuses its compiled programs; Flower's
+   actors load the train step from a persistent XLA cache, Ray starts again), and the
+   steady-state round time (SPMD: the second run's rounds; Flower: rounds >= 2, after the
+   actors compiled). The goal ratio is on steady-state rounds; the totals are printed too.
+   The SPMD simulator dispatches a round's aggregation asynchronously, so its cost can show
+   up in the next round's time; the medians over rounds and the blocked totals include it.
+
+Run (on 2 CPU cores the full run took ~2 minutes, ~4 with --engine-models bundled;
+--quick ~1):
+
+    .venv/bin/python scripts/bench_federated.py [--quick]
+
+Results: a table on stdout and bench_results/federated.json (bench_results/federated_quick.json
+with --quick) with every raw timing and the settings.
+
+Caveats: CPU timings on a small machine are noisy (other processes, 8 virtual devices on a
+few cores, Ray actors competing with the driver); compare ratios, not absolute times. The
+in-process piece timings leave out what Flower itself adds in simulation (message routing
+through its in-memory state, Ray object transfer); the "Flower round minus client compute"
+line estimates that from the steady-state Flower round and the in-process client time,
+assuming as many clients train at once as Ray has CPUs. A tiny model's local step is so
+cheap that its overhead share says little about real models: read the bundled-model rows.
+The RALT client steps default to short work (1 query x 2 passages x 64 tokens, where
+RALTConfig trains 2 queries x top_k passages x up to 384 tokens) to fit a CPU run, so the
+RALT overhead share is an upper bound; LSR uses LSRConfig's batch (8 queries x 4 passages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench_results"
+SPMD_DEVICES = 8
+
+
+def _force_host_devices(n: int) -> str:
+    """Ask XLA:CPU for ``n`` devices (must run before jax is imported); the original flags
+    come back (the Ray actors get those: one device is what a Flower client uses)."""
+    original = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in original:
+        os.environ["XLA_FLAGS"] = f"{original} --xla_force_host_platform_device_count={n}".strip()
+    return original
+
+
+ORIGINAL_XLA_FLAGS = _force_host_devices(SPMD_DEVICES)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, list[float]]:
+    """``fn``'s last result and the wall time of each of ``repeat`` calls after one untimed
+    warm-up call (results are blocked on, so device work is counted)."""
+    import jax
+
+    times, out = [], jax.block_until_ready(fn())
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return out, times
+
+
+def med(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+# ============================================================================ models and data
+TINY_BERT = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                 max_position_embeddings=32)
+TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+
+
+def query_encoder(models: str):
+    """(encoder, vocab size, what it is) for the LSR towers."""
+    from flax import nnx
+
+    from fedrag_jax.models.bert import BertConfig, Encoder
+
+    if models == "bundled":
+        from fedrag_jax import assets
+
+        try:
+            encoder = Encoder.from_pretrained(assets.retriever_path())
+            return encoder, encoder.config.vocab_size, "bundled all-MiniLM-L6-v2"
+        except Exception as e:  # noqa: BLE001 - say so in the table, measure the tiny one
+            log(f"the bundled retriever did not load ({e!r:.200}); using the tiny one")
+            models = f"tiny (bundled failed: {type(e).__name__})"
+    config = BertConfig(**TINY_BERT)
+    what = "tiny BERT (1 layer, d=32)" + ("" if models == "tiny" else f", {models}")
+    return Encoder(config, rngs=nnx.Rngs(0)), config.vocab_size, what
+
+
+def generator_model(models: str):
+    from flax import nnx
+
+    from fedrag_jax.models.llama import CausalLM, LlamaConfig
+
+    if models == "bundled":
+        from fedrag_jax import assets
+
+        try:
+            path = assets.generator_path()
+            return CausalLM.from_pretrained(path), f"bundled SmolLM2-135M ({path.name})"
+        except Exception as e:  # noqa: BLE001 - say so in the table, measure the tiny one
+            log(f"the bundled generator did not load ({e!r:.200}); using the tiny one")
+            models = f"tiny (bundled failed: {type(e).__name__})"
+    what = "tiny Llama (2 layers, d=32)" + ("" if models == "tiny" else f", {models}")
+    return CausalLM(LlamaConfig(**TINY_LLAMA), rngs=nnx.Rngs(0)), what
+
+
+def lsr_client_data(num_clients: int, *, examples: int, batch_size: int, vocab: int,
+                    hidden: int, length: int = 16, k: int = 4) -> list:
+    """Synthetic LSR data per client: random query tokens and passage embeddings, and LM
+    scores that clearly prefer one passage per query (every client the same shapes)."""
+    from fedrag_jax.finetune.batches import LSRDataset
+
+    out = []
+    for c in range(num_clients):
+        rng = np.random.default_rng(1000 + c)
+        ids = rng.integers(1, vocab, size=(examples, length)).astype(np.int32)
+        mask = np.ones((examples, length), bool)
+        mask[1::2, length // 2:] = False
+        emb = rng.normal(size=(examples, k, hidden)).astype(np.float32)
+        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+        lm = np.full((examples, k), -30.0, np.float32)
+        lm[np.arange(examples), rng.integers(0, k, size=examples)] = -2.0
+        arrays = {"query_ids": ids, "query_mask": mask, "passage_emb": emb, "lm_logprobs": lm}
+        out.append(LSRDataset(arrays, np.arange(examples * k).reshape(examples, k),
+                              batch_size=batch_size, seed=c))
+    return out
+
+
+def ralt_client_data(num_clients: int, *, queries: int, batch_size: int, k: int, vocab: int,
+                     prompt_length: int, target_length: int) -> list:
+    """Synthetic RALT data per client: k (prompt, response) instances per query, one length
+    bucket (so the shapes agree across clients)."""
+    from fedrag_jax.finetune.batches import RALTDataset
+
+    bucket = prompt_length + target_length
+    out = []
+    for c in range(num_clients):
+        rng = np.random.default_rng(2000 + c)
+        prompts = [[rng.integers(4, vocab, size=prompt_length).tolist() for _ in range(k)]
+                   for _ in range(queries)]
+        targets = [rng.integers(4, vocab, size=target_length).tolist() for _ in range(queries)]
+        out.append(RALTDataset(prompts, targets, np.ones((queries, k), np.float32),
+                               batch_size=batch_size, pad_id=0, buckets=(bucket,), seed=c))
+    return out
+
+
+def lsr_task(encoder, vocab: int, *, num_clients: int, local_steps: int, rounds: int,
+             batch_size: int, length: int):
+    from flax import nnx
+
+    from fedrag_jax.config import FederatedConfig
+    from fedrag_jax.federated import FederatedTask
+    from fedrag_jax.finetune.optimizer import OptimizerConfig
+    from fedrag_jax.finetune.steps import QUERY_TOWER, Towers
+
+    towers = Towers(nnx.clone(encoder), encoder)  # the query tower is the trained copy
+    hidden = encoder.config.hidden_size
+    data = lsr_client_data(num_clients, examples=batch_size * local_steps, batch_size=batch_size,
+                           vocab=vocab, hidden=hidden, length=length)
+    config = FederatedConfig(num_clients=num_clients, rounds=rounds, local_steps=local_steps,
+                             min_clients=2, strategy="fedavg")
+    return FederatedTask.lsr(towers, QUERY_TOWER, OptimizerConfig(learning_rate=1e-4), data,
+                             config, tau_retrieval=0.05, seed=0)
+
+
+def ralt_task(model, vocab: int, *, num_clients: int, local_steps: int, rank: int,
+              alpha: float, targets: list[str], batch_size: int, k: int, prompt_length: int,
+              target_length: int):
+    from flax import nnx
+
+    from fedrag_jax.config import FederatedConfig
+    from fedrag_jax.federated import FederatedTask
+    from fedrag_jax.finetune.optimizer import OptimizerConfig
+    from fedrag_jax.models.lora import apply_lora
+
+    model = apply_lora(nnx.clone(model), rank=rank, alpha=alpha, target_modules=tuple(targets),
+                       seed=0)
+    data = ralt_client_data(num_clients, queries=batch_size * local_steps, batch_size=batch_size,
+                            k=k, vocab=vocab, prompt_length=prompt_length,
+                            target_length=target_length)
+    config = FederatedConfig(num_clients=num_clients, rounds=2, local_steps=local_steps,
+                             min_clients=2, strategy="fedavg")
+    return FederatedTask.ralt(model, nnx.LoRAParam, OptimizerConfig(learning_rate=3e-4), data,
+                              config, seed=0)
+
+
+# ============================================================================ 1 + 2: one round
+def reply_message(record: Any, node: int, num_examples: int, loss: float) -> Any:
+    """A client's train reply as the server receives it."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app.metadata import Metadata
+
+    meta = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id=f"train-{node}", group_id="2", created_at=time.time(),
+                    ttl=3600.0, message_type="train")
+    metrics = MetricRecord({"num-examples": num_examples, "train_loss": loss,
+                            "examples_seen": num_examples, "local_steps": 1})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), metadata=meta)
+
+
+def param_bytes(tree: Any) -> dict[str, int]:
+    """Parameter count and bytes (native dtype, and as Flower sends them: bf16 -> f32)."""
+    import jax
+
+    leaves = jax.tree.leaves(tree)
+    count = sum(int(np.prod(x.shape)) for x in leaves)
+    native = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    # Flower's Array goes through np.save, so bfloat16 leaves travel as float32 (payload.py)
+    wire = sum(int(np.prod(x.shape)) * (4 if np.dtype(x.dtype).name == "bfloat16"
+                                        else np.dtype(x.dtype).itemsize) for x in leaves)
+    return {"params": count, "native_bytes": native, "wire_bytes": wire}
+
+
+def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[str, Any]:
+    """Time every piece of one Flower round of ``task`` (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedrag_jax.federated.aggregate import StrategyOptions, fedavg
+    from fedrag_jax.federated.history import RoundRecord
+    from fedrag_jax.federated.payload import decode, encode, from_arrayrecord, to_arrayrecord
+    from fedrag_jax.federated.server import make_strategy, screen_train_replies
+
+    template = task.template.params
+    global_params = task.initial_params()
+    steps = task.config.local_steps
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # aggregate_train logs every call
+    log(f"{name}: compiling the client step (round 1 of client 0) ...")
+    start = time.perf_counter()
+    params, metrics = task.client_update(0, global_params, 1)
+    jax.block_until_ready(params)
+    first_round_s = time.perf_counter() - start
+    log(f"{name}: first client round {first_round_s:.1f}s (compile included); timing "
+        f"{repeat} client rounds of {steps} steps ...")
+    client_s = []
+    for i in range(repeat):
+        start = time.perf_counter()
+        params, metrics = task.client_update(i % task.config.num_clients, global_params, 2)
+        jax.block_until_ready(params)
+        client_s.append(time.perf_counter() - start)
+    log(f"{name}: client round {med(client_s):.3f}s (median of {client_s})")
+
+    record_down, server_ser = timed(lambda: to_arrayrecord(global_params), repeat)
+    _, client_deser = timed(lambda: from_arrayrecord(record_down, template), repeat)
+    record_up, client_ser = timed(lambda: to_arrayrecord(params), repeat)
+    _, wire_encode = timed(lambda: [a.deflate() for a in record_up.values()], repeat)
+    wire_bytes = sum(len(a.deflate()) for a in record_up.values())
+    replies = [reply_message(record_up, node + 1, int(metrics["num_examples"]),
+                             float(metrics["train_loss"])) for node in range(clients)]
+
+    def screen():
+        return screen_train_replies(replies, template, RoundRecord(round=2), {}, False)
+
+    valid, screen_s = timed(screen, repeat)
+    if len(valid) != clients:
+        raise RuntimeError(f"{name}: the server rejected {clients - len(valid)} replies")
+    strategy = make_strategy("fedavg", StrategyOptions(), min_clients=2, evaluate=False)
+    aggregated, aggregate_s = timed(lambda: strategy.aggregate_train(2, valid)[0], repeat)
+    _, final_deser = timed(lambda: from_arrayrecord(aggregated, template, cast=True), repeat)
+
+    blob, msgpack_enc = timed(lambda: encode(params), repeat)
+    _, msgpack_dec = timed(lambda: decode(blob, template), repeat)
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * clients), params)
+    weights = jnp.ones(clients, jnp.float32)
+    jax_fedavg = jax.jit(fedavg)
+    _, spmd_aggregate = timed(lambda: jax_fedavg(stacked, weights), repeat)
+
+    pieces = {"server_serialize_s": med(server_ser), "client_deserialize_s": med(client_deser),
+              "client_serialize_s": med(client_ser), "wire_encode_s": med(wire_encode),
+              "server_screen_all_s": med(screen_s), "aggregate_s": med(aggregate_s),
+              "final_deserialize_s": med(final_deser)}
+    overhead = sum(pieces.values())
+    client = med(client_s)
+    serial_overhead = (pieces["server_serialize_s"] + clients * (
+        pieces["client_deserialize_s"] + pieces["client_serialize_s"] + pieces["wire_encode_s"])
+        + pieces["server_screen_all_s"] + pieces["aggregate_s"] + pieces["final_deserialize_s"])
+    upload = int(record_up.count_bytes())
+    download = int(record_down.count_bytes())
+    result = {
+        "name": name, "clients": clients, "local_steps": steps,
+        "first_client_round_s": first_round_s, "client_round_s": client_s,
+        "client_round_median_s": client, "pieces_median_s": pieces,
+        "raw_s": {"server_serialize": server_ser, "client_deserialize": client_deser,
+                  "client_serialize": client_ser, "wire_encode": wire_encode,
+                  "server_screen_all": screen_s, "aggregate": aggregate_s,
+                  "final_deserialize": final_deser, "msgpack_encode": msgpack_enc,
+                  "msgpack_decode": msgpack_dec, "spmd_jax_fedavg": spmd_aggregate},
+        "overhead_s": overhead,
+        "overhead_share": overhead / (overhead + client),
+        "serial_overhead_s": serial_overhead,
+        "serial_overhead_share": serial_overhead / (serial_overhead + clients * client),
+        "upload_bytes": upload, "download_bytes": download, "wire_bytes": wire_bytes,
+        "msgpack_bytes": len(blob),
+        "round_bytes": clients * (upload + download),
+        "trainable": param_bytes(template),
+        "train_loss": float(metrics["train_loss"]),
+    }
+    log(f"{name}: overhead {overhead * 1e3:.1f} ms of a {client:.3f}s client round "
+        f"({100 * result['overhead_share']:.2f}%); upload {mib(upload)}")
+    return result
+
+
+# ============================================================================ 3: engines
+def run_engines(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from fedrag_jax.federated.payload import flatten_params
+
+    n = len(jax.devices())
+    if n < SPMD_DEVICES:
+        log(f"warning: {n} devices, not {SPMD_DEVICES}: XLA_FLAGS was set before this script "
+            "imported jax? the SPMD clients share devices")
+    encoder, vocab, what = query_encoder(args.engine_models)
+    bundled = what.startswith("bundled")
+    task = lsr_task(encoder, vocab, num_clients=SPMD_DEVICES, local_steps=args.engine_local_steps,
+                    rounds=args.engine_rounds, batch_size=args.lsr_batch if bundled else 4,
+                    length=32 if bundled else 16)
+    out: dict[str, Any] = {"model": what, "clients": SPMD_DEVICES,
+                           "local_steps": args.engine_local_steps, "rounds": args.engine_rounds,
+                           "devices": n}
+
+    # in-process client compute of this task (for the Flower transport estimate)
+    params, _ = task.client_update(0, task.initial_params(), 1)
+    jax.block_until_ready(params)
+    client_s = []
+    for c in range(4):
+        start = time.perf_counter()
+        jax.block_until_ready(task.client_update(c, task.initial_params(), 2)[0])
+        client_s.append(time.perf_counter() - start)
+    out["client_round_s"] = client_s
+
+    spmd_runs = []
+    for i in range(2):
+        log(f"SPMD run {i + 1}/2 ({'compile included' if i == 0 else 'compiled'}) ...")
+        start = time.perf_counter()
+        result = task.run_spmd()
+        jax.block_until_ready(result.params)  # the last aggregation is dispatched async
+        total = time.perf_counter() - start
+        spmd_runs.append({"total_s": total, "round_s": [r.seconds for r in result.history]})
+        log(f"SPMD run {i + 1}: {total:.2f}s, rounds {spmd_runs[-1]['round_s']}")
+    out["spmd"] = spmd_runs
+    spmd_params = flatten_params(result.params)
+
+    if args.skip_flower:
+        out["flower"] = None
+        return out
+    flower_runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-fed-xla-") as cache:
+        env = {"XLA_FLAGS": ORIGINAL_XLA_FLAGS, "JAX_COMPILATION_CACHE_DIR": cache,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        for i in range(args.flower_runs):
+            log(f"Flower run {i + 1}/{args.flower_runs} (Ray start-up"
+                f"{', actors compile' if i == 0 else ', actors load the XLA cache'}) ...")
+            start = time.perf_counter()
+            # address "local": a Ray instance of our own, never one found on the machine
+            result = task.run_flower(actor_env=env,
+                                     backend_config={"init_args": {"address": "local"}})
+            total = time.perf_counter() - start
+            flower_runs.append({"total_s": total, "round_s": [r.seconds for r in result.history]})
+            log(f"Flower run {i + 1}: {total:.2f}s, rounds {flower_runs[-1]['round_s']}")
+    out["flower"] = flower_runs
+    flower_params = flatten_params(result.params)
+    out["max_param_diff_spmd_vs_flower"] = max(
+        float(np.max(np.abs(spmd_params[k].astype(np.float64) - flower_params[k])))
+        for k in spmd_params)
+    return out
+
+
+def engine_summary(e: dict[str, Any]) -> dict[str, Any]:
+    spmd_steady = e["spmd"][-1]["round_s"]
+    out = {"spmd_first_total_s": e["spmd"][0]["total_s"],
+           "spmd_warm_total_s": e["spmd"][-1]["total_s"],
+           "spmd_steady_round_s": med(spmd_steady)}
+    if not e.get("flower"):
+        return out
+    steady = [s for run in e["flower"] for s in run["round_s"][1:]]  # round 1: actors compile
+    if not steady:
+        steady = [s for run in e["flower"][1:] for s in run["round_s"]]
+    flower_round = med(steady) if steady else float("nan")
+    ray_cpus = min(os.cpu_count() or 1, e["clients"])
+    compute = e["clients"] * med(e["client_round_s"]) / ray_cpus
+    out.update({"flower_first_total_s": e["flower"][0]["total_s"],
+                "flower_warm_total_s": e["flower"][-1]["total_s"],
+                "flower_steady_round_s": flower_round,
+                "steady_round_speedup": flower_round / out["spmd_steady_round_s"],
+                "first_total_speedup": e["flower"][0]["total_s"] / out["spmd_first_total_s"],
+                "warm_total_speedup": (e["flower"][-1]["total_s"] / out["spmd_warm_total_s"]
+                                       if len(e["flower"]) > 1 else None),
+                "flower_round_minus_compute_s": flower_round - compute,
+                "estimated_client_compute_per_round_s": compute, "ray_parallel_clients": ray_cpus})
+    return out
+
+
+# ============================================================================ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models everywhere, 2 local steps, one Flower run (~1 min)")
+    p.add_argument("--models", choices=("bundled", "tiny"), default=None,
+                   help="models of the overhead/bytes part (default: bundled; tiny with --quick)")
+    p.add_argument("--clients", type=int, default=8, help="clients of the overhead round")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="LSR local steps per round (default 10 = FederatedConfig's; quick 2)")
+    p.add_argument("--lsr-batch", type=int, default=8, help="LSR queries per step")
+    p.add_argument("--ralt-local-steps", type=int, default=None,
+                   help="RALT local steps per round (default 4; quick 2)")
+    p.add_argument("--ralt-batch", type=int, default=1, help="RALT queries per step")
+    p.add_argument("--ralt-k", type=int, default=2, help="RALT passages (instances) per query")
+    p.add_argument("--ralt-prompt", type=int, default=56, help="RALT prompt tokens")
+    p.add_argument("--ralt-target", type=int, default=8, help="RALT response tokens")
+    p.add_argument("--repeat", type=int, default=None, help="timings per piece (3; quick 2)")
+    p.add_argument("--engine-local-steps", type=int, default=2)
+    p.add_argument("--engine-models", choices=("tiny", "bundled"), default="tiny",
+                   help="towers of the SPMD-vs-Flower part (bundled: MiniLM, minutes more)")
+    p.add_argument("--engine-rounds", type=int, default=None, help="rounds (3; quick 2)")
+    p.add_argument("--flower-runs", type=int, default=None, help="Flower runs (2; quick 1)")
+    p.add_argument("--skip-ralt", action="store_true")
+    p.add_argument("--skip-engines", action="store_true")
+    p.add_argument("--skip-flower", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    q = args.quick
+    args.models = args.models or ("tiny" if q else "bundled")
+    args.local_steps = args.local_steps or (2 if q else 10)
+    args.ralt_local_steps = args.ralt_local_steps or (2 if q else 4)
+    args.repeat = args.repeat or (2 if q else 3)
+    args.engine_rounds = args.engine_rounds or (2 if q else 3)
+    args.flower_runs = args.flower_runs or (1 if q else 2)
+    args.out = args.out or RESULTS / ("federated_quick.json" if q else "federated.json")
+    wall = time.perf_counter()
+
+    import jax
+    from flax import nnx
+
+    from fedrag_jax.config import RALTConfig
+
+    log(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices, "
+        f"{os.cpu_count()} CPUs; models: {args.models}")
+    meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "jax": jax.__version__, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "devices": len(jax.devices()),
+            "device_kind": jax.devices()[0].device_kind,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    results: dict[str, Any] = {"meta": meta}
+
+    # --- 1 + 2: LSR round ------------------------------------------------------------------
+    log(f"loading the {args.models} models ...")
+    encoder, vocab, lsr_what = query_encoder(args.models)
+    task = lsr_task(encoder, vocab, num_clients=args.clients, local_steps=args.local_steps,
+                    rounds=2, batch_size=args.lsr_batch,
+                    length=32 if lsr_what.startswith("bundled") else 16)
+    results["lsr"] = measure_round(task, "LSR", clients=args.clients, repeat=args.repeat)
+    results["lsr"]["model"] = lsr_what
+    del task, encoder
+
+    # --- 1 + 2: RALT (LoRA) round ------------------------------------------------------------
+    ralt_cfg = RALTConfig()
+    generator, gen_what = generator_model(args.models)
+    full = param_bytes(nnx.state(generator, nnx.Param))
+    results["generator_full"] = {"model": gen_what, **full,
+                                 "round_bytes": args.clients * 2 * full["wire_bytes"]}
+    if not args.skip_ralt:
+        task = ralt_task(generator, generator.config.vocab_size, num_clients=args.clients,
+                         local_steps=args.ralt_local_steps, rank=ralt_cfg.lora_rank,
+                         alpha=ralt_cfg.lora_alpha, targets=list(ralt_cfg.lora_targets),
+                         batch_size=args.ralt_batch, k=args.ralt_k,
+                         prompt_length=args.ralt_prompt, target_length=args.ralt_target)
+        results["ralt"] = measure_round(task, "RALT", clients=args.clients, repeat=args.repeat)
+        results["ralt"].update(model=gen_what, lora_rank=ralt_cfg.lora_rank,
+                               lora_targets=list(ralt_cfg.lora_targets))
+        del task
+    del generator
+
+    # --- 3: engines ----------------------------------------------------------------------------
+    if not args.skip_engines:
+        results["engines"] = run_engines(args)
+        results["engines"]["summary"] = engine_summary(results["engines"])
+    meta["wall_s"] = time.perf_counter() - wall
+
+    rows = table(results, args)
+    results["table"] = [dict(zip(("metric", "value", "goal", "met"), r, strict=True))
+                        for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=float))
+    print_table(rows)
+    log(f"wall {meta['wall_s']:.0f}s; results in {args.out}")
+
+
+def table(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def yes(ok: bool | None) -> str:
+        return "-" if ok is None else ("yes" if ok else "NO")
+
+    for key in ("lsr", "ralt"):
+        r = results.get(key)
+        if r is None:
+            continue
+        label = "LSR (query tower)" if key == "lsr" else f"RALT (LoRA r={r['lora_rank']})"
+        pc = r["pieces_median_s"]
+        rows += [
+            (f"{label}: model", r["model"], "", ""),
+            (f"{label}: client training, {r['local_steps']} steps",
+             f"{r['client_round_median_s']:.3f} s", "", ""),
+            (f"{label}: overhead / round (critical path, {r['clients']} clients)",
+             f"{r['overhead_s'] * 1e3:.1f} ms = {100 * r['overhead_share']:.2f}%", "<= 5%",
+             yes(r["overhead_share"] <= 0.05)),
+            (f"{label}:   serialize (server + client)",
+             f"{(pc['server_serialize_s'] + pc['client_serialize_s']) * 1e3:.1f} ms", "", ""),
+            (f"{label}:   wire encode (Array.deflate)", f"{pc['wire_encode_s'] * 1e3:.1f} ms", "",
+             ""),
+            (f"{label}:   deserialize+validate (client + final)",
+             f"{(pc['client_deserialize_s'] + pc['final_deserialize_s']) * 1e3:.1f} ms", "", ""),
+            (f"{label}:   server screening of {r['clients']} replies",
+             f"{pc['server_screen_all_s'] * 1e3:.1f} ms", "", ""),
+            (f"{label}:   Flower FedAvg aggregate_train", f"{pc['aggregate_s'] * 1e3:.1f} ms",
+             "", ""),
+            (f"{label}: overhead if one host runs all clients",
+             f"{100 * r['serial_overhead_share']:.2f}%", "", ""),
+            (f"{label}: upload / client", f"{mib(r['upload_bytes'])} "
+             f"({r['trainable']['params']:,} params)", "", ""),
+            (f"{label}: bytes / round ({r['clients']} clients x 2)", mib(r["round_bytes"]), "",
+             ""),
+            (f"{label}: msgpack blob", mib(r["msgpack_bytes"]), "", ""),
+        ]
+    g = results["generator_full"]
+    rows.append(("full generator payload (no LoRA) / client",
+                 f"{mib(g['wire_bytes'])} ({g['params']:,} params, {g['model']})", "", ""))
+    rows.append((f"full generator bytes / round ({args.clients} x 2)", mib(g["round_bytes"]), "",
+                 ""))
+    if "ralt" in results:
+        rows.append(("LoRA upload / full generator upload",
+                     f"{results['ralt']['upload_bytes'] / g['wire_bytes']:.4f}", "", ""))
+    e = results.get("engines")
+    if e:
+        s = e["summary"]
+        what = f"{e['clients']} clients x {e['local_steps']} steps x {e['rounds']} rounds"
+        rows += [
+            ("engines: work", f"LSR, {e['model']}, {what}", "", ""),
+            ("SPMD total, first run (compile incl.)", f"{s['spmd_first_total_s']:.2f} s", "", ""),
+            ("SPMD total, second run (compiled)", f"{s['spmd_warm_total_s']:.2f} s", "", ""),
+            ("SPMD steady round", f"{s['spmd_steady_round_s']:.3f} s", "", ""),
+        ]
+        if "flower_steady_round_s" in s:
+            rows += [
+                ("Flower total, first run (Ray + compile incl.)",
+                 f"{s['flower_first_total_s']:.2f} s", "", ""),
+                ("Flower total, second run (XLA cache; Ray start incl.)",
+                 "-" if len(e["flower"]) < 2 else f"{s['flower_warm_total_s']:.2f} s", "", ""),
+                ("Flower steady round", f"{s['flower_steady_round_s']:.3f} s", "", ""),
+                ("speedup SPMD vs Flower, steady round", f"{s['steady_round_speedup']:.1f}x",
+                 ">= 4x", yes(s["steady_round_speedup"] >= 4)),
+                ("speedup SPMD vs Flower, first-run totals", f"{s['first_total_speedup']:.1f}x",
+                 "", ""),
+                ("speedup SPMD vs Flower, second-run totals",
+                 "-" if s["warm_total_speedup"] is None else f"{s['warm_total_speedup']:.1f}x",
+                 "", ""),
+                ("Flower round minus client compute (est.)",
+                 f"{s['flower_round_minus_compute_s']:.3f} s", "", ""),
+                ("max |params SPMD - Flower|", f"{e['max_param_diff_spmd_vs_flower']:.2e}", "",
+                 ""),
+            ]
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    widths = [max(len(r[i]) for r in rows + [("metric", "value", "goal", "met?")])
+              for i in range(4)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print()
+    print(line.format("metric", "value", "goal", "met?"))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line.format(*r))
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -184,7 +184,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         _start_distributed(config)
 
-
     if args.benchmark is not None:
         name = args.benchmark
         kwargs = {"split": args.split} if args.split else {}

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import assets
 from .errors import DataError
+from .jsonl import read_jsonl
 from .knowledge_store import KnowledgeStore, default_store
 from .retriever import DualEncoder
 from .types import KnowledgeNode
@@ -39,13 +40,7 @@ def load_corpus(source: str | os.PathLike | Sequence[dict] = "bundled",
         if not path.is_file():
             raise DataError(f"corpus file {path} does not exist; pass 'bundled' or a JSONL file")
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e})") from e
+        for n, r in read_jsonl(path):
             if not isinstance(r.get("text"), str):
                 raise DataError(f"{path}:{n}: every record needs a string 'text'")
             rows.append({"id": str(r.get("id", f"doc-{n}")), "title": r.get("title"),

@@ -148,3 +148,15 @@ def test_lsr_training_scores_equal_search_time_scores_with_prefixes(parts):
         jnp.asarray(batch["passage_mask"].reshape(b * k, length))))
     texts = [n.text for n in store.get([str(i) for i in data.passage_ids[rows].reshape(-1)])]
     np.testing.assert_allclose(e, retriever.encode_context(texts, progress=False), atol=1e-5)
+
+
+def test_jsonl_lines_that_are_not_objects_are_named_errors(tmp_path):
+    from fedrag_jax.errors import DataError
+
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"query": "q", "response": "r"}\n\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"records\.jsonl:3: each line must be a JSON object"):
+        load_records(path)
+    path.write_text('{"query": "q", "response": "r"}\n{broken\n')
+    with pytest.raises(DataError, match=r"records\.jsonl:2: not valid JSON"):
+        load_records(path)

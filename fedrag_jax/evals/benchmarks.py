@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..jsonl import read_jsonl
 
 DataFiles = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any]
 SOURCES = ("auto", "hub", "files", "tfds")
@@ -516,19 +517,10 @@ def load_qa_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Ben
     if not os.path.isfile(path):
         raise DataError(f"no such JSONL file: {path}; pass a file of {{query, answer}} lines")
     examples: list[BenchmarkExample] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: each line must be a JSON object")
-            examples.append(_qa_row(_Record(row, f"{path}:{line_no}"), row, line_no))
+    for line_no, row in read_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(_qa_row(_Record(row, f"{path}:{line_no}"), row, line_no))
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples

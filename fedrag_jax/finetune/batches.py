@@ -13,7 +13,6 @@ Both datasets serve ``batch_at(epoch, index)``: a deterministic function of the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..generator import DEFAULT_LENGTH_BUCKETS, Generator, bucket_length, left_pad
+from ..jsonl import read_jsonl
 from ..types import DEFAULT_PROMPT_TEMPLATE
 
 _SLOT = "\x00CONTEXT\x00"
@@ -37,13 +37,7 @@ def load_records(source: Any) -> list[dict]:
         path = Path(source)
         if not path.is_file():
             raise DataError(f"no such JSONL file: {path}")
-        records = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
+        records = [row for _, row in read_jsonl(path)]
     else:
         records = [dict(r) for r in source]
     if not records:

@@ -176,3 +176,31 @@ def tiny_rag_files(tmp: Path, num_passages: int = 12, num_records: int = 8, seed
                              for _ in range(num_records)))
     return {"retriever": retriever_path, "generator": generator_path, "corpus": corpus,
             "train": train}
+
+
+class LocalGrid:
+    """An in-process Flower Grid: each message goes straight to its node's ClientApp (what
+    the simulation engine does, without Ray), with that node's partition-id; an exception
+    becomes an error reply, as a deployed or simulated client's would."""
+
+    def __init__(self, client_app, num_clients: int, run_config: dict | None = None):
+        self.app, self.run_config = client_app, dict(run_config or {})
+        self.nodes = {100 + c: c for c in range(num_clients)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, Error, Message, RecordDict
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=0, node_id=node, state=RecordDict(),
+                              run_config=self.run_config,
+                              node_config={"partition-id": self.nodes[node]})
+            try:
+                replies.append(self.app(msg, context))
+            except Exception as e:  # noqa: BLE001 (reported as the engine reports it)
+                replies.append(Message(Error(code=0, reason=repr(e)), reply_to=msg))
+        return replies

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from orbax.checkpoint import msgpack_utils
 
@@ -43,6 +43,7 @@ from fedrag_jax.federated.spmd import SpmdSimulator, devices_of_group, slice_dev
 from fedrag_jax.finetune.batches import LSRDataset
 from fedrag_jax.finetune.steps import QUERY_TOWER, Towers, TrainState
 from fedrag_jax.models.bert import BertConfig, Encoder
+from tests.helpers import LocalGrid
 
 # one layer: XLA:CPU compiles this train step in ~8 s on two cores (two layers: ~13 s)
 BERT = BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
@@ -429,30 +430,6 @@ def test_spmd_equals_flower_for_fedavg(flower_fedavg):
         assert [c.num_examples for c in sorted(a.clients, key=lambda c: c.client_id)] == \
             [c.num_examples for c in sorted(b.clients, key=lambda c: c.client_id)]
         assert a.eval_loss == pytest.approx(b.eval_loss, rel=1e-4)
-
-
-class LocalGrid:
-    """An in-process Grid: each message goes straight to its node's ClientApp (what the
-    simulation engine does, without Ray); an exception becomes an error reply."""
-
-    def __init__(self, app, num_clients: int):
-        self.app = app
-        self.nodes = {100 + c: c for c in range(num_clients)}
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=0, node_id=node, state=RecordDict(), run_config={},
-                              node_config={"partition-id": self.nodes[node]})
-            try:
-                replies.append(self.app(msg, context))
-            except Exception as e:  # reported as the simulation engine reports it
-                replies.append(Message(Error(code=0, reason=repr(e)), reply_to=msg))
-        return replies
 
 
 @pytest.fixture

@@ -37,8 +37,16 @@ from fedrag_jax.federated import (
 )
 from fedrag_jax.federated.aggregate import ServerOptimizer, aggregate
 from fedrag_jax.federated.client import make_client_app
-from fedrag_jax.federated.history import open_run
-from fedrag_jax.federated.server import ServerRun, make_strategy, serve
+from fedrag_jax.federated.history import RoundRecord, open_run
+from fedrag_jax.federated.payload import read_arrayrecord
+from fedrag_jax.federated.server import (
+    ServerRun,
+    aggregate_replies,
+    make_strategy,
+    screen_train_replies,
+    serve,
+    weighted_mean,
+)
 from fedrag_jax.federated.spmd import SpmdSimulator, devices_of_group, slice_devices
 from fedrag_jax.finetune.batches import LSRDataset
 from fedrag_jax.finetune.steps import QUERY_TOWER, Towers, TrainState
@@ -239,7 +247,8 @@ def _reply(arrays: dict[str, np.ndarray], n: int, node: int) -> Message:
                     reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
                     message_type="train")
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n})})
+                          "metrics": MetricRecord({"num-examples": n,
+                                                   "train_loss": 1.0 + 0.1 * node})})
     return Message(content, metadata=meta)
 
 
@@ -273,6 +282,69 @@ def test_server_rules_match_flower_strategies(name):
         assert_close({k: np.asarray(v) for k, v in ours.items()}, expected, atol=1e-5)
         current = {k: v.astype(np.float32) for k, v in expected.items()}
         ours = jax.tree.map(jnp.asarray, current)
+
+
+def test_server_weighted_mean_is_bitwise_flowers_fedavg():
+    """FedAvg / FedProx average the screened arrays in place; the result must be exactly
+    what Flower's aggregate_train computes from the same messages."""
+    rng = np.random.default_rng(3)
+    params = params_template()
+    template = flatten_params(params)
+    counts = [7, 2, 11, 5]
+    clients = [{k: (v + rng.normal(size=v.shape)).astype(v.dtype) for k, v in template.items()}
+               for _ in counts]
+    replies = [_reply(c, n, i + 1) for i, (c, n) in enumerate(zip(clients, counts, strict=True))]
+    for name in ("fedavg", "fedprox"):
+        strategy = make_strategy(name, StrategyOptions(proximal_mu=0.1), min_clients=1)
+        record = RoundRecord(round=1)
+        valid = screen_train_replies(replies, params, record, {}, False)
+        assert [v.num_examples for v in valid] == counts
+        ours = aggregate_replies(strategy, 1, valid, record)
+        theirs, _ = strategy.aggregate_train(1, replies)
+        assert list(ours) == list(theirs.keys())
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key].numpy(), err_msg=key)
+        manual = sum(np.float64(n) * c["query_tower/layers/0/value/kernel"]
+                     for c, n in zip(clients, counts, strict=True)) / sum(counts)
+        np.testing.assert_allclose(ours["query_tower/layers/0/value/kernel"], manual, atol=1e-5)
+    # the arrays screening keeps are views of the messages' bytes: averaging wrote none
+    for client, reply in zip(clients, replies, strict=True):
+        for key, value in client.items():
+            np.testing.assert_array_equal(reply.content["arrays"][key].numpy(), value)
+    # one reply only: the mean is that reply, in a fresh writable array
+    alone = weighted_mean(valid[:1])
+    np.testing.assert_array_equal(alone["query_tower/layers/0/value/kernel"],
+                                  clients[0]["query_tower/layers/0/value/kernel"])
+    assert all(a.flags.writeable for a in alone.values())
+
+
+def test_read_arrayrecord_views_match_numpy_and_refuse_damage():
+    params = params_template()
+    flat = flatten_params(params)
+    record = to_arrayrecord(params)
+    views = read_arrayrecord(record, params)
+    for key, value in flat.items():
+        assert not views[key].flags.writeable  # a view into the message, never copied
+        np.testing.assert_array_equal(views[key], record[key].numpy())
+        np.testing.assert_array_equal(views[key], value)
+    # what to_arrayrecord writes is byte for byte what Flower's Array(ndarray) (np.save) does
+    for key, value in flat.items():
+        assert record[key].data == Array(value).data, key
+    # a Fortran-ordered array (np.save keeps the order) reads back with its values
+    key = "query_tower/layers/0/value/kernel"
+    fortran = dict(flat)
+    fortran[key] = np.asfortranarray(flat[key])
+    rec = ArrayRecord({k: Array(v) for k, v in fortran.items()})
+    np.testing.assert_array_equal(read_arrayrecord(rec, params)[key], flat[key])
+    # truncated .npy bytes are a named error, not a crash or a short array
+    rec = to_arrayrecord(params)
+    damaged = rec[key]
+    rec[key] = Array(dtype=damaged.dtype, shape=damaged.shape, stype=damaged.stype,
+                     data=damaged.data[:len(damaged.data) // 2])
+    with pytest.raises(PayloadError, match="cannot be read as an array"):
+        read_arrayrecord(rec, params)
+    with pytest.raises(PayloadError, match="cannot be read as an array"):
+        from_arrayrecord(rec, params)
 
 
 # --- local training and FedProx on a toy model (compiles in a blink) --------------------------

@@ -17,6 +17,7 @@ same key set, shapes and dtypes, and finite values. Any failure raises
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ VERSION = 1
 # Flower's Array serializes through np.save, which cannot name ml_dtypes (bfloat16 comes
 # back as raw void bytes): such leaves travel as float32 (exact) and are cast back.
 _WIRE_DTYPE = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.float32)}
+_NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY: the Array holds .npy bytes
 
 
 # --- paths ---------------------------------------------------------------------------------
@@ -74,10 +76,17 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
-    """Raise :class:`PayloadError` unless ``flat`` matches ``template`` key for key:
-    same paths, shapes and dtypes, and only finite values."""
-    expected, _ = _flatten(template)
+def _expected(template: Any, wire: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{path: (shape, dtype)}`` of ``template`` (``wire``: dtypes as they travel)."""
+    out = {}
+    for key, leaf in _flatten(template)[0].items():
+        dtype = np.dtype(leaf.dtype)
+        out[key] = (tuple(leaf.shape), _WIRE_DTYPE.get(dtype, dtype) if wire else dtype)
+    return out
+
+
+def _check_flat(flat: Mapping[str, Any],
+                expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     if missing or extra:
@@ -86,21 +95,26 @@ def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
         raise PayloadError("payload does not match the model's trainable parameters ("
                            + "; ".join(p for p in parts if p) + "); client and server must "
                            "build the model with the same architecture and trainable filter")
-    for key, want in expected.items():
+    for key, (shape, dtype) in expected.items():
         got = flat[key]
         if not isinstance(got, np.ndarray):
             raise PayloadError(f"payload key {key!r} holds a {type(got).__name__}, not an array")
-        if tuple(got.shape) != tuple(want.shape):
+        if tuple(got.shape) != shape:
             raise PayloadError(f"payload key {key!r} has shape {tuple(got.shape)}, expected "
-                               f"{tuple(want.shape)}")
-        if got.dtype != want.dtype:
-            raise PayloadError(f"payload key {key!r} has dtype {got.dtype}, expected "
-                               f"{want.dtype}")
+                               f"{shape}")
+        if got.dtype != dtype:
+            raise PayloadError(f"payload key {key!r} has dtype {got.dtype}, expected {dtype}")
         if jax.dtypes.issubdtype(got.dtype, np.inexact):
             finite = np.isfinite(got.astype(np.float32) if got.dtype.itemsize < 4 else got)
             if not finite.all():
                 raise PayloadError(f"payload key {key!r} holds {int((~finite).sum())} "
                                    "non-finite values (NaN or inf); the sender diverged")
+
+
+def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
+    """Raise :class:`PayloadError` unless ``flat`` matches ``template`` key for key:
+    same paths, shapes and dtypes, and only finite values."""
+    _check_flat(flat, _expected(template))
 
 
 def unflatten_params(flat: Mapping[str, np.ndarray], template: Any, *,
@@ -113,7 +127,7 @@ def unflatten_params(flat: Mapping[str, np.ndarray], template: Any, *,
     """
     names, treedef = _flatten(template)
     if cast:
-        flat = {k: (np.asarray(v).astype(names[k].dtype) if k in names else v)
+        flat = {k: (np.asarray(v).astype(names[k].dtype, copy=False) if k in names else v)
                 for k, v in flat.items()}
     validate_flat(flat, template)
     return jax.tree_util.tree_unflatten(treedef, [np.array(flat[k]) for k in names])
@@ -147,15 +161,70 @@ def decode(blob: bytes, template: Any) -> Any:
 
 
 # --- Flower ArrayRecord --------------------------------------------------------------------
+def _npy_array(value: np.ndarray) -> Any:
+    """A Flower ``Array`` holding exactly the bytes ``np.save`` would write (what
+    ``Array(ndarray)`` stores), joined in one copy instead of np.save's two."""
+    from flwr.app import Array
+
+    value = np.ascontiguousarray(value)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header,
+                                         np.lib.format.header_data_from_array_1_0(value))
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE,
+                 data=b"".join((header.getvalue(), value.data)))
+
+
 def to_arrayrecord(params: Any):
     """A Flower ``ArrayRecord`` keyed by path (bfloat16 leaves travel as float32)."""
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import ArrayRecord
 
     out = {}
     for key, value in flatten_params(params).items():
         wire = _WIRE_DTYPE.get(value.dtype)
-        out[key] = Array(np.ascontiguousarray(value.astype(wire) if wire else value))
+        out[key] = _npy_array(value.astype(wire) if wire else value)
     return ArrayRecord(out)
+
+
+def _npy_view(array: Any) -> np.ndarray:
+    """A read-only view of a Flower ``Array``'s ``.npy`` bytes, without the copy that
+    ``Array.numpy()`` (``np.load``) makes: the server reads every reply once to screen it
+    and once more to average it, so on large trainable sets the copies were the round's
+    overhead."""
+    if array.stype != _NUMPY_STYPE:
+        raise ValueError(f"unsupported serialization type {array.stype!r}")
+    data = array.data
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not parameters")
+    count = int(np.prod(shape))
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def read_arrayrecord(record: Any, template: Any) -> dict[str, np.ndarray]:
+    """``{path: read-only array}`` of a Flower ``ArrayRecord``, validated against
+    ``template`` at the wire dtypes (bfloat16 leaves stay float32: cast after averaging).
+    The arrays are views into the record's bytes; copy before writing to them."""
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
+    flat: dict[str, np.ndarray] = {}
+    for key in record.keys():
+        try:
+            flat[key] = _npy_view(record[key])
+        except Exception as e:  # damaged npy bytes, or a non-numpy stype
+            raise PayloadError(f"payload key {key!r} cannot be read as an array ({e!r:.200})") \
+                from None
+    _check_flat(flat, _expected(template, wire=True))
+    return flat
 
 
 def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
@@ -165,16 +234,17 @@ def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
 
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
-    expected, _ = _flatten(template)
-    flat: dict[str, np.ndarray] = {}
-    for key in record.keys():
-        try:
-            value = record[key].numpy()
-        except Exception as e:  # damaged npy bytes, or a non-numpy stype
-            raise PayloadError(f"payload key {key!r} cannot be read as an array ({e!r:.200})") \
-                from None
-        want = expected.get(key)
-        if want is not None and _WIRE_DTYPE.get(np.dtype(want.dtype)) == value.dtype:
-            value = value.astype(want.dtype)  # the wire form of a bfloat16 leaf
-        flat[key] = value
-    return unflatten_params(flat, template, cast=cast)
+    if cast:  # a server-computed record (float64 from Flower's adaptive strategies)
+        flat = {}
+        for key in record.keys():
+            try:
+                flat[key] = _npy_view(record[key])
+            except Exception as e:
+                raise PayloadError(f"payload key {key!r} cannot be read as an array "
+                                   f"({e!r:.200})") from None
+        return unflatten_params(flat, template, cast=True)
+    flat = read_arrayrecord(record, template)
+    names, treedef = _flatten(template)
+    # one copy out of the message's bytes, at the model's dtype (wire float32 -> bfloat16)
+    return jax.tree_util.tree_unflatten(
+        treedef, [np.array(flat[k], dtype=names[k].dtype) for k in names])

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flwr_strategy
@@ -30,7 +31,12 @@ from ..errors import ConfigError, PayloadError
 from .aggregate import StrategyOptions, check_strategy
 from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
 from .history import ClientResult, RoundRecord, open_run
-from .payload import flatten_params, from_arrayrecord, to_arrayrecord, unflatten_params
+from .payload import (
+    flatten_params,
+    read_arrayrecord,
+    to_arrayrecord,
+    unflatten_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +142,18 @@ def identify(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     return mapping
 
 
+@dataclass
+class ValidReply:
+    """A screened train reply: the message, its weight and its arrays (read-only views of
+    the message's bytes at the wire dtypes, already checked against the model)."""
+
+    message: Message
+    num_examples: int
+    arrays: dict[str, np.ndarray]
+
+
 def screen_train_replies(replies: list[Message], template: Any, record: RoundRecord,
-                         mapping: dict[int, int], keep_params: bool) -> list[Message]:
+                         mapping: dict[int, int], keep_params: bool) -> list[ValidReply]:
     """The replies fit to aggregate; the others go into ``record.failed`` / ``rejected``."""
     valid = []
     for msg in replies:
@@ -159,20 +175,44 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
                 raise PayloadError(f"num-examples must be a positive integer, got {n!r}")
             if not isinstance(loss, (int, float)) or loss != loss or abs(loss) == float("inf"):
                 raise PayloadError(f"train_loss must be a finite number, got {loss!r}")
-            params = from_arrayrecord(content[ARRAYS], template)
+            arrays = read_arrayrecord(content[ARRAYS], template)
         except PayloadError as e:
             record.rejected.append({"client_id": who, "reason": str(e)})
             log.warning("round %d: rejected the update of client %s: %s", record.round, who, e)
             continue
-        valid.append(msg)
+        valid.append(ValidReply(msg, n, arrays))
         record.clients.append(ClientResult(
             client_id=who, num_examples=n, train_loss=float(loss),
             examples_seen=int(metrics.get("examples_seen", 0)),
             steps=int(metrics.get("local_steps", 0))))
         if keep_params:
             record.client_params = record.client_params or {}
-            record.client_params[who] = flatten_params(params)
+            record.client_params[who] = flatten_params(unflatten_params(arrays, template,
+                                                                        cast=True))
     return valid
+
+
+def weighted_mean(replies: list[ValidReply]) -> dict[str, np.ndarray]:
+    """FedAvg's average, sum_k (n_k / sum n) w_k, over screened replies.
+
+    The same arithmetic as Flower's ``aggregate_arrayrecords`` (float64 weights, products
+    and sums at the arrays' dtype, in reply order: the results are bitwise equal), but on
+    the arrays screening already read, in place, without decoding every reply again.
+    """
+    total = float(sum(r.num_examples for r in replies))
+    factors = [r.num_examples / total for r in replies]
+    out = {}
+    for key, first in replies[0].arrays.items():
+        if not np.issubdtype(first.dtype, np.inexact):  # as Flower: promoted to float64
+            out[key] = sum(r.arrays[key] * f for r, f in zip(replies, factors, strict=True))
+            continue
+        acc = np.multiply(first, first.dtype.type(factors[0]))
+        scratch = np.empty_like(acc)
+        for reply, factor in zip(replies[1:], factors[1:], strict=True):
+            acc += np.multiply(reply.arrays[key], acc.dtype.type(factor), out=scratch)
+        out[key] = acc
+    return out
+
 
 
 def screen_eval_replies(replies: list[Message], record: RoundRecord,
@@ -188,6 +228,25 @@ def screen_eval_replies(replies: list[Message], record: RoundRecord,
         if isinstance(n, int) and n > 0 and isinstance(loss, float) and loss == loss:
             record.evaluation.append({"client_id": who, "eval_loss": loss, "num_examples": n})
     record.evaluation.sort(key=lambda e: str(e["client_id"]))
+
+
+def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
+                      record: RoundRecord) -> dict[str, np.ndarray] | None:
+    """The round's aggregate as ``{path: array}``, or None (noted in ``record``) when the
+    strategy cannot aggregate. FedAvg and FedProx average the screened arrays directly
+    (:func:`weighted_mean`, bitwise what Flower computes); the other strategies and the DP
+    wrapper run Flower's ``aggregate_train`` on the messages."""
+    if type(strategy) in (flwr_strategy.FedAvg, flwr_strategy.FedProx):
+        return weighted_mean(valid)
+    try:
+        aggregated, _ = strategy.aggregate_train(server_round, [v.message for v in valid])
+    except (AggregationError, InconsistentMessageReplies) as e:
+        record.note = f"the strategy could not aggregate ({e}): the global params were kept"
+        log.error("round %d: %s", server_round, record.note)
+        return None
+    if aggregated is None:
+        return None
+    return {key: aggregated[key].numpy() for key in aggregated.keys()}
 
 
 def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
@@ -217,19 +276,14 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
                                          run.record_client_params)
             aggregated = None
             if len(valid) >= c.min_clients:
-                try:
-                    aggregated, _ = strategy.aggregate_train(r, valid)
-                except (AggregationError, InconsistentMessageReplies) as e:
-                    record.note = (f"the strategy could not aggregate ({e}): the global params "
-                                   "were kept")
-                    log.error("round %d: %s", r, record.note)
+                aggregated = aggregate_replies(strategy, r, valid, record)
             else:
                 record.note = (f"only {len(valid)} valid updates, fewer than min_clients="
                                f"{c.min_clients}: the global params were kept")
                 log.warning("round %d: %s", r, record.note)
             if aggregated is not None:
                 # Flower's adaptive strategies compute in float64: back to the model's dtypes
-                params = from_arrayrecord(aggregated, template, cast=True)
+                params = unflatten_params(aggregated, template, cast=True)
                 record.aggregated = True
             if server is not None and inner.m_t is not None:
                 server = {"m": unflatten_params(inner.m_t, template, cast=True),

@@ -33,6 +33,7 @@ from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
 from .history import ClientResult, RoundRecord, open_run
 from .payload import (
     flatten_params,
+    payload_spec,
     read_arrayrecord,
     to_arrayrecord,
     unflatten_params,
@@ -156,6 +157,7 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
                          mapping: dict[int, int], keep_params: bool) -> list[ValidReply]:
     """The replies fit to aggregate; the others go into ``record.failed`` / ``rejected``."""
     valid = []
+    spec = payload_spec(template)
     for msg in replies:
         who = _name(msg.metadata.src_node_id, mapping)
         if msg.has_error():
@@ -175,7 +177,7 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
                 raise PayloadError(f"num-examples must be a positive integer, got {n!r}")
             if not isinstance(loss, (int, float)) or loss != loss or abs(loss) == float("inf"):
                 raise PayloadError(f"train_loss must be a finite number, got {loss!r}")
-            arrays = read_arrayrecord(content[ARRAYS], template)
+            arrays = read_arrayrecord(content[ARRAYS], template, spec=spec)
         except PayloadError as e:
             record.rejected.append({"client_id": who, "reason": str(e)})
             log.warning("round %d: rejected the update of client %s: %s", record.round, who, e)

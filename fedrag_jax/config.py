@@ -132,7 +132,7 @@ class FederatedConfig:
     # central DP, client-side clipping (Flower engine and deployment; docs/federated.md)
     dp_clipping_norm: float | None = None  # clip each update (params - global) to this L2 norm
     dp_noise_multiplier: float = 0.0  # server noise std: this * clipping norm / clients per round
-    # secure aggregation, SecAgg+ (Flower simulation engine, FedAvg; docs/federated.md)
+    # secure aggregation, SecAgg+ (Flower simulation and deployment, FedAvg; docs/federated.md)
     secagg: bool = False  # the server sees only the masked sum of the weighted updates
     secagg_num_shares: int = 3  # shares of each client's key (> 2; 1: all sampled clients)
     secagg_reconstruction_threshold: int = 2  # shares that rebuild a dropped client's key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -184,23 +185,30 @@ class LocalGrid:
     becomes an error reply, as a deployed or simulated client's would."""
 
     def __init__(self, client_app, num_clients: int, run_config: dict | None = None):
+        from types import SimpleNamespace
+
+        from flwr.app import RecordDict
+
         self.app, self.run_config = client_app, dict(run_config or {})
         self.nodes = {100 + c: c for c in range(num_clients)}
+        # a node keeps its context state between messages (SecAgg+ keeps its keys there)
+        self.states = {node: RecordDict() for node in self.nodes}
+        self.run = SimpleNamespace(run_id=0)  # what Flower's legacy client manager reads
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Context, Error, Message, RecordDict
+        from flwr.app import Context, Error, Message
 
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            context = Context(run_id=0, node_id=node, state=RecordDict(),
+            context = Context(run_id=0, node_id=node, state=self.states[node],
                               run_config=self.run_config,
                               node_config={"partition-id": self.nodes[node]})
-            try:
-                replies.append(self.app(msg, context))
+            try:  # a copy, as if it had crossed the wire (SecAgg+'s mod edits its input)
+                replies.append(self.app(copy.deepcopy(msg), context))
             except Exception as e:  # noqa: BLE001 (reported as the engine reports it)
                 replies.append(Message(Error(code=0, reason=repr(e)), reply_to=msg))
         return replies

@@ -215,9 +215,8 @@ def test_flwr_run_on_loopback_equals_the_in_process_run(tmp_path):
                                json.dumps(run_config), str(reference)],
                               capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done_ref.returncode == 0, done_ref.stdout[-3000:] + done_ref.stderr[-3000:]
-    with np.load(reference) as z:
-        mine = {k: z[k] for k in z.files if k != "__losses__"}
-        losses = json.loads(str(z["__losses__"]))
+    mine, rounds = load_worker_output(reference)
+    losses = [r["losses"] for r in rounds]
     theirs = flatten_params(deployed)
     initial = flatten_params(task.initial_params())
     assert any(not np.allclose(theirs[k], initial[k]) for k in theirs)  # it trained
@@ -226,3 +225,54 @@ def test_flwr_run_on_loopback_equals_the_in_process_run(tmp_path):
         np.testing.assert_allclose(theirs[k], mine[k], atol=ATOL, err_msg=k)
     for record, ref in zip(history, losses, strict=True):
         assert {str(k): v for k, v in record.losses().items()} == pytest.approx(ref, rel=1e-4)
+
+
+def load_worker_output(path: Path) -> tuple[dict[str, np.ndarray], list[dict]]:
+    with np.load(path) as z:
+        return ({k: z[k] for k in z.files if k != "__history__"},
+                json.loads(str(z["__history__"])))
+
+
+def worker_env(tmp_path: Path) -> dict[str, str]:
+    """The deployed processes' environment: one CPU device, a shared compilation cache."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest", "XLA_FLAGS": "",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"),
+            "FLWR_TELEMETRY_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_deployed_app_runs_secagg_and_matches_fedavg(tmp_path):
+    """fed.secagg=true in a deployed run: the app's ServerApp runs SecAgg+ (Flower's legacy
+    workflow) and its ClientApp answers behind secaggplus_mod; the result is the plain
+    app's FedAvg up to the quantisation bound (both in-process, messages handed over)."""
+    from fedrag_jax.config import load_config
+    from fedrag_jax.federated.secagg import tolerance
+
+    files = tiny_rag_files(tmp_path, num_records=12)
+    common = ["fed.num_clients=3", "fed.min_clients=3", "fed.rounds=1"]
+    secagg = ["fed.secagg=true", "fed.secagg_num_shares=3",
+              "fed.secagg_reconstruction_threshold=2", "fed.secagg_clipping_range=4.0",
+              "fed.secagg_quantization_range=1048576", "fed.secagg_max_weight=16.0"]
+    outputs = {}
+    for name, extra in (("plain", []), ("secure", secagg)):
+        run_config = {"config-path": "", "method": "lsr", "overrides": shlex.join(
+            overrides(files, tmp_path / name) + common + extra)}
+        out = tmp_path / f"{name}.npz"
+        done = subprocess.run([sys.executable, "-m", "tests.deployment_worker",
+                               json.dumps(run_config), str(out), "app"],
+                              capture_output=True, text=True, env=worker_env(tmp_path),
+                              cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outputs[name] = load_worker_output(out)
+    (exact, (plain,)), (secure, (record,)) = outputs["plain"], outputs["secure"]
+    assert plain["aggregated"] and record["aggregated"]
+    assert "secure aggregation" in record["note"]
+    assert not record["num_examples"]  # the server never saw an individual update
+    sizes = list(plain["num_examples"].values())
+    assert len(sizes) == 3
+    assert max(float(np.abs(v).max()) for v in exact.values()) < 4.0  # inside the clip range
+    fed = load_config(None, overrides(files, tmp_path) + common + secagg).fed
+    tol = tolerance(fed, sizes)
+    err = max(float(np.abs(secure[k] - exact[k]).max()) for k in exact)
+    assert 0 < err <= tol + 1e-6, (err, tol)  # quantised, within the bound
+    assert tol < 1e-4

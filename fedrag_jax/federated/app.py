@@ -21,6 +21,10 @@ checkpoints``; a second ``flwr run`` with the same output_dir resumes after the 
 completed round. Each SuperNode is one client: ``--node-config "partition-id=<i>"`` picks
 its share of the configured training records (``fed.partition``), as in simulation.
 
+With ``fed.secagg`` set the server runs SecAgg+ (``secagg.serve_secagg``: Flower's legacy
+workflow, FedAvg) and the ClientApp answers its train messages with the legacy client behind
+``secaggplus_mod``.
+
 Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, so a client
 rebuilds its task (models, store, LSR/RALT dataset) for every round; point
 ``JAX_COMPILATION_CACHE_DIR`` of the SuperNodes at a folder to keep the compiled steps
@@ -42,6 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import Config, load_config
 from ..errors import ConfigError
 from .client import dp_clipping_mod, handle_evaluate, handle_identify, handle_train
+from .secagg import check_secagg, make_secagg_client_app, serve_secagg
 from .server import ServerRun, ServerTask, serve
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root, or the installed FAB
@@ -138,13 +143,15 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
-    if config.fed.secagg:
-        raise ConfigError("fed.secagg runs on Flower's simulation engine only: this deployed "
-                          "ClientApp speaks the Message API, SecAgg+ needs Flower's legacy "
-                          "fit path (docs/federated.md)")
     method = method_of(config, context.run_config)
+    if config.fed.secagg:
+        check_secagg(config.fed)  # before building the model
     task = server_task(context.run_config)
-    serve(grid, task, ServerRun(checkpoint_dir=str(checkpoint_dir(config, method).resolve())))
+    run = ServerRun(checkpoint_dir=str(checkpoint_dir(config, method).resolve()))
+    if config.fed.secagg:
+        serve_secagg(grid, context, task, run)
+    else:
+        serve(grid, task, run)
 
 
 client_app = ClientApp(mods=[dp_clipping_mod])
@@ -152,7 +159,18 @@ client_app = ClientApp(mods=[dp_clipping_mod])
 
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
+    if config_from_run_config(context.run_config).fed.secagg:
+        # SecAgg+ speaks Flower's legacy fit, behind secaggplus_mod (secagg.py)
+        return secagg_client(context.run_config)(msg, context)
     return handle_train(client_task(context.run_config), msg, context)
+
+
+def secagg_client(run_config: dict[str, Any]) -> ClientApp:
+    """The legacy ClientApp (behind ``secaggplus_mod``) for this run's task, one a process."""
+    key = "secagg:" + _key(run_config)
+    if key not in _TASKS:
+        _TASKS[key] = make_secagg_client_app(client_task(run_config))
+    return _TASKS[key]
 
 
 @client_app.evaluate()

@@ -3,6 +3,9 @@
     server = make_secagg_server_app(task, run)   # DefaultWorkflow(fit_workflow=SecAggPlus...)
     client = make_secagg_client_app(task)        # a NumPyClient behind secaggplus_mod
 
+The deployed app (``app.py``) takes this path too when ``fed.secagg`` is set: its server
+runs :func:`serve_secagg` and its ClientApp hands train messages to the legacy client.
+
 In Flower 1.42 ``SecAggPlusWorkflow`` only runs inside a ``LegacyContext`` (the legacy
 ``DefaultWorkflow`` with a ``flwr.server.strategy`` strategy) and talks to clients through
 ``secaggplus_mod`` around a legacy ``fit``; the Message-API strategies of ``server.py`` have
@@ -111,52 +114,61 @@ class _RecordingFedAvg(FedAvg):
 def make_secagg_server_app(task: Any, run: Any) -> ServerApp:
     """A ServerApp running ``task``'s rounds with SecAgg+; ``run`` (a ``ServerRun``)
     receives the params and history and names the checkpoint directory."""
-    c = task.config
-    check_secagg(c)
-    template = task.template.params
-    paths = param_paths(template)
+    check_secagg(task.config)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        ckpt, done, params, _, history = open_run(task, run.checkpoint_dir, run.resume)
-        run.params, run.history = params, history
-        started = [time.perf_counter()]
-
-        def on_round(r: int, aggregated, failures) -> None:
-            round_ = done + r  # Flower counts the rounds of this run from 1
-            record = RoundRecord(round=round_, seconds=time.perf_counter() - started[0])
-            record.note = "secure aggregation: individual updates and losses are hidden"
-            record.failed = [{"client_id": "?", "reason": repr(f)} for f in failures]
-            if aggregated is not None:
-                flat = dict(zip(paths, parameters_to_ndarrays(aggregated), strict=True))
-                run.params = unflatten_params(flat, template, cast=True)
-                record.aggregated = True
-            history.append(record)
-            if ckpt is not None:
-                ckpt.save(round_, run.params, None, history, task.strategy, "flower-secagg")
-            started[0] = time.perf_counter()
-
-        flat = flatten_params(params)
-        strategy = _RecordingFedAvg(
-            on_round, fraction_fit=c.fraction_train, fraction_evaluate=0.0,
-            min_fit_clients=c.min_clients, min_evaluate_clients=0,
-            min_available_clients=c.num_clients,
-            on_fit_config_fn=lambda r: {"server-round": done + r},
-            initial_parameters=ndarrays_to_parameters([flat[k] for k in paths]))
-        legacy = LegacyContext(context, config=ServerConfig(num_rounds=c.rounds - done),
-                               strategy=strategy)
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=c.secagg_num_shares,
-            reconstruction_threshold=c.secagg_reconstruction_threshold,
-            clipping_range=c.secagg_clipping_range,
-            quantization_range=c.secagg_quantization_range,
-            max_weight=c.secagg_max_weight, timeout=task.round_timeout))
-        try:
-            if done < c.rounds:
-                workflow(grid, legacy)
-        finally:
-            if ckpt is not None:
-                ckpt.close()
+        serve_secagg(grid, context, task, run)
 
     return app
+
+
+def serve_secagg(grid: Grid, context: Context, task: Any, run: Any) -> Any:
+    """The SecAgg+ rounds of ``task`` (a FederatedTask or a deployed server's ServerTask:
+    its ``config``, ``template``, ``strategy`` and ``round_timeout``), resuming after the
+    last round checkpointed in ``run.checkpoint_dir``; ``run`` receives params and history."""
+    c = task.config
+    check_secagg(c)
+    template = task.template.params
+    paths = param_paths(template)
+    ckpt, done, params, _, history = open_run(task, run.checkpoint_dir, run.resume)
+    run.params, run.history = params, history
+    started = [time.perf_counter()]
+
+    def on_round(r: int, aggregated, failures) -> None:
+        round_ = done + r  # Flower counts the rounds of this run from 1
+        record = RoundRecord(round=round_, seconds=time.perf_counter() - started[0])
+        record.note = "secure aggregation: individual updates and losses are hidden"
+        record.failed = [{"client_id": "?", "reason": repr(f)} for f in failures]
+        if aggregated is not None:
+            flat = dict(zip(paths, parameters_to_ndarrays(aggregated), strict=True))
+            run.params = unflatten_params(flat, template, cast=True)
+            record.aggregated = True
+        history.append(record)
+        if ckpt is not None:
+            ckpt.save(round_, run.params, None, history, task.strategy, "flower-secagg")
+        started[0] = time.perf_counter()
+
+    flat = flatten_params(params)
+    strategy = _RecordingFedAvg(
+        on_round, fraction_fit=c.fraction_train, fraction_evaluate=0.0,
+        min_fit_clients=c.min_clients, min_evaluate_clients=0,
+        min_available_clients=c.num_clients,
+        on_fit_config_fn=lambda r: {"server-round": done + r},
+        initial_parameters=ndarrays_to_parameters([flat[k] for k in paths]))
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=c.rounds - done),
+                           strategy=strategy)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=c.secagg_num_shares,
+        reconstruction_threshold=c.secagg_reconstruction_threshold,
+        clipping_range=c.secagg_clipping_range,
+        quantization_range=c.secagg_quantization_range,
+        max_weight=c.secagg_max_weight, timeout=task.round_timeout))
+    try:
+        if done < c.rounds:
+            workflow(grid, legacy)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return run

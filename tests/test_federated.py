@@ -233,6 +233,62 @@ def test_partition_errors_say_what_to_do():
         partition([{"topic": "a"}] * 4, 2, "random")
 
 
+# --- knowledge-store shards (fed.client_stores=partition) ------------------------------------
+def _shard_world(seed: int, n_passages: int = 200, n_records: int = 60, topics: int = 6):
+    rng = np.random.default_rng(seed)
+    passage_topics = [f"t{t}" for t in rng.integers(0, topics, n_passages)]
+    passage_topics[::17] = [None] * len(passage_topics[::17])  # some passages have no topic
+    gold = rng.choice(n_passages, n_records, replace=False)
+    records = [{"topic": passage_topics[g] or f"t{g % topics}", "gold_id": f"d{g}"}
+               for g in gold]
+    records[3]["gold_id"] = None  # a record without a known gold passage
+    return [f"d{i}" for i in range(n_passages)], passage_topics, records
+
+
+@pytest.mark.parametrize("scheme", ["iid", "topic", "dirichlet"])
+def test_shards_are_disjoint_cover_the_store_and_hold_their_clients_gold(scheme):
+    from fedrag_jax.federated.shards import shard_passages
+
+    ids, passage_topics, records = _shard_world(11)
+    parts = partition(records, 3, scheme, alpha=0.3, seed=5)
+    shards = shard_passages(ids, passage_topics, records, parts, scheme, seed=5)
+    joined = np.sort(np.concatenate(shards))
+    np.testing.assert_array_equal(joined, np.arange(len(ids)))  # disjoint and covering
+    owner = {ids[i]: c for c, rows in enumerate(shards) for i in rows}
+    for c, rows in enumerate(parts):
+        for r in rows:
+            if records[r]["gold_id"] is not None:
+                assert owner[records[r]["gold_id"]] == c
+    sizes = [len(s) for s in shards]
+    if scheme == "iid":  # gold passages follow their records, the rest evens the sizes out
+        assert max(sizes) - min(sizes) <= 1
+    if scheme == "topic":  # a topic's passages live with the client holding its records
+        for c, rows in enumerate(parts):
+            mine = {records[r]["topic"] for r in rows}
+            for i, t in enumerate(passage_topics):
+                if t in mine:
+                    assert owner[ids[i]] == c
+    again = shard_passages(ids, passage_topics, records, parts, scheme, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
+    if scheme != "topic":  # (topic: whole topics to their owners, nothing left to chance)
+        other = shard_passages(ids, passage_topics, records, parts, scheme, seed=6)
+        assert any(not np.array_equal(a, b) for a, b in zip(shards, other, strict=True))
+
+
+def test_dirichlet_shards_follow_the_topic_shares_of_the_records():
+    from fedrag_jax.federated.shards import shard_passages
+
+    ids, passage_topics, records = _shard_world(3, n_passages=600, n_records=40, topics=3)
+    parts = partition(records, 3, "dirichlet", alpha=0.2, seed=2)
+    shards = shard_passages(ids, passage_topics, records, parts, "dirichlet", seed=2)
+    golds = {r["gold_id"] for r in records}
+    for t in ("t0", "t1", "t2"):
+        held = np.array([sum(records[r]["topic"] == t for r in p) for p in parts], float)
+        got = np.array([sum(passage_topics[i] == t and ids[i] not in golds for i in s)
+                        for s in shards], float)
+        np.testing.assert_allclose(got / got.sum(), held / held.sum(), atol=0.02)
+
+
 # --- aggregation: our JAX rules == Flower's strategies ----------------------------------------
 def _reply(arrays: dict[str, np.ndarray], n: int, node: int) -> Message:
     meta = Metadata(run_id=0, message_id=f"m{node}", src_node_id=node, dst_node_id=0,

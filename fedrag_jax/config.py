@@ -116,6 +116,9 @@ class FederatedConfig:
     local_steps: int = 10  # optimizer steps per client per round
     partition: Literal["iid", "topic", "dirichlet"] = "topic"  # how records split
     dirichlet_alpha: float = 0.5  # non-IID strength for "dirichlet" (smaller = more skewed)
+    # "partition": each client retrieves from its own shard of the store: the gold passages of
+    # its records, its topics' passages, the rest dealt evenly (docs/federated.md)
+    client_stores: Literal["shared", "partition"] = "shared"  # "shared" store, or a shard each
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedmedian | fedtrimmedavg
     fraction_train: float = 1.0  # share of clients sampled per round
     min_clients: int = 2  # a round needs at least this many answers

@@ -77,5 +77,10 @@ class DataError(FedRAGJaxError, ValueError):
     """Training or evaluation data is malformed (missing fields, empty, wrong type)."""
 
 
+class SiloDataError(DataError):
+    """A file a SuperNode's node config names (data-path, eval-path, store-path) is missing,
+    unreadable or malformed."""
+
+
 class PayloadError(FedRAGJaxError, ValueError):
     """A federated parameter payload failed validation (structure, shape, dtype, non-finite)."""

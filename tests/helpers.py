@@ -181,16 +181,20 @@ def tiny_rag_files(tmp: Path, num_passages: int = 12, num_records: int = 8, seed
 
 class LocalGrid:
     """An in-process Flower Grid: each message goes straight to its node's ClientApp (what
-    the simulation engine does, without Ray), with that node's partition-id; an exception
-    becomes an error reply, as a deployed or simulated client's would."""
+    the simulation engine does, without Ray), with that node's partition-id (and its
+    ``node_configs[c]``, e.g. a silo's data-path); an exception becomes an error reply, as a
+    deployed or simulated client's would."""
 
-    def __init__(self, client_app, num_clients: int, run_config: dict | None = None):
+    def __init__(self, client_app, num_clients: int, run_config: dict | None = None,
+                 node_configs: dict[int, dict] | None = None):
         from types import SimpleNamespace
 
         from flwr.app import RecordDict
 
         self.app, self.run_config = client_app, dict(run_config or {})
         self.nodes = {100 + c: c for c in range(num_clients)}
+        self.node_configs = {c: dict((node_configs or {}).get(c, {}))
+                             for c in range(num_clients)}
         # a node keeps its context state between messages (SecAgg+ keeps its keys there)
         self.states = {node: RecordDict() for node in self.nodes}
         self.run = SimpleNamespace(run_id=0)  # what Flower's legacy client manager reads
@@ -206,7 +210,8 @@ class LocalGrid:
             node = msg.metadata.dst_node_id
             context = Context(run_id=0, node_id=node, state=self.states[node],
                               run_config=self.run_config,
-                              node_config={"partition-id": self.nodes[node]})
+                              node_config={"partition-id": self.nodes[node],
+                                           **self.node_configs[self.nodes[node]]})
             try:  # a copy, as if it had crossed the wire (SecAgg+'s mod edits its input)
                 replies.append(self.app(copy.deepcopy(msg), context))
             except Exception as e:  # noqa: BLE001 (reported as the engine reports it)

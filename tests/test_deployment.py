@@ -276,3 +276,120 @@ def test_deployed_app_runs_secagg_and_matches_fedavg(tmp_path):
     err = max(float(np.abs(secure[k] - exact[k]).max()) for k in exact)
     assert 0 < err <= tol + 1e-6, (err, tol)  # quantised, within the bound
     assert tol < 1e-4
+
+
+# --- silos with their own files (node config data-path / store-path / eval-path) ------------
+def _words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(f"w{i}" for i in rng.integers(4, 96, size=n))
+
+
+def _write_records(path: Path, rng: np.random.Generator, n: int) -> list[str]:
+    rows = [{"query": _words(rng, 4), "response": _words(rng, 3)} for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [r["query"] for r in rows]
+
+
+def test_silos_train_on_their_own_files_in_process(tmp_path, monkeypatch):
+    """Three SuperNodes' ClientApps in process: silo 0 and 1 point data-path at their own
+    JSONL files (silo 0 also eval-path, silo 1 its own store-path), silo 2 at a file that does
+    not exist. Each trains on all of its own file and nothing else; silo 2's reply is a named
+    error and the round goes on with the two others."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrag_jax.federated import task as task_module
+    from fedrag_jax.federated.server import ServerRun, serve
+    from fedrag_jax.indexing import build_store, load_corpus
+    from fedrag_jax.retriever import DualEncoder
+    from tests.helpers import LocalGrid
+
+    files = tiny_rag_files(tmp_path)
+    rng = np.random.default_rng(11)
+    queries = {0: _write_records(tmp_path / "silo0.jsonl", rng, 5),
+               1: _write_records(tmp_path / "silo1.jsonl", rng, 7)}
+    evals = _write_records(tmp_path / "silo0-eval.jsonl", rng, 3)
+    # silo 1's own store: half of the corpus, built by the same retriever
+    corpus = load_corpus(files["corpus"])
+    own = corpus[6:]
+    build_store(own, DualEncoder.from_pretrained(str(files["retriever"]), max_length=128),
+                backend="exact", progress=False).persist(tmp_path / "silo1-store")
+    run_config = {"config-path": "", "method": "lsr", "evaluate": True, "overrides": shlex.join(
+        [*overrides(files, tmp_path / "out"), "fed.num_clients=3", "fed.rounds=1",
+         "mesh.data=-1"])}  # this process has 8 CPU devices
+    nodes = {0: {"data-path": str(tmp_path / "silo0.jsonl"),
+                 "eval-path": str(tmp_path / "silo0-eval.jsonl")},
+             1: {"data-path": str(tmp_path / "silo1.jsonl"),
+                 "store-path": str(tmp_path / "silo1-store")},
+             2: {"data-path": str(tmp_path / "missing.jsonl")}}
+    seen: dict[int, list] = {}  # id(dataset) -> the batches trained on
+    original = task_module.local_train
+
+    def spy(state, data, steps, start_position=0, *, step):
+        seen[id(data)] = [data.batch_at(*divmod(start_position + t, len(data)))
+                          for t in range(steps)]
+        return original(state, data, steps, start_position, step=step)
+
+    monkeypatch.setattr(task_module, "local_train", spy)
+    monkeypatch.setattr(app, "_TASKS", {})
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        task = app.server_task(run_config)
+        assert task.has_eval
+        grid = LocalGrid(app.client_app, 3, run_config, node_configs=nodes)
+        result = serve(grid, task, ServerRun())
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    (record,) = result.history
+    assert record.aggregated
+    assert {c.client_id: c.num_examples for c in record.clients} == {0: 5, 1: 7}
+    assert [f["client_id"] for f in record.failed] == [2]
+    assert "SiloDataError" in record.failed[0]["reason"]
+    assert "data-path" in record.failed[0]["reason"]
+    # silo 0 evaluated on its eval file; silo 1 has none
+    assert [(e["client_id"], e["num_examples"]) for e in record.evaluation] == [(0, len(evals))]
+    assert np.isfinite(record.evaluation[0]["eval_loss"])
+    # each silo's task holds its own data only, and its batches its own queries only
+    silo_tasks = {}
+    for t in app._TASKS.values():
+        (cid,) = [c for c, d in enumerate(t.client_data) if d is not None]
+        silo_tasks[cid] = t
+    assert sorted(silo_tasks) == [0, 1]
+    for cid, t in silo_tasks.items():
+        batches = seen[id(t.client_data[cid])]
+        assert len(batches) == 2  # fed.local_steps
+        for batch in batches:
+            for ids, mask, valid in zip(batch["query_ids"], batch["query_mask"],
+                                        batch["example_mask"], strict=True):
+                if valid:  # the tiny word-level tokenizer: token id i is word "w<i>"
+                    query = " ".join(f"w{i}" for i in ids[mask.astype(bool)])
+                    assert query in queries[cid] and query not in queries[1 - cid]
+    # silo 1 retrieved from its own store (half the corpus), silo 0 from the configured one
+    ids1 = {str(i) for i in silo_tasks[1].client_data[1].passage_ids.ravel()}
+    assert ids1 <= {r["id"] for r in own}
+    ids0 = {str(i) for i in silo_tasks[0].client_data[0].passage_ids.ravel()}
+    assert not ids0 <= {r["id"] for r in own}
+
+
+def test_silo_files_are_checked_with_named_errors(tmp_path):
+    from fedrag_jax.errors import ConfigError, SiloDataError
+
+    (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n[1, 2]\n')
+    with pytest.raises(SiloDataError, match="data-path"):
+        app.silo_files({"partition-id": 0, "data-path": str(tmp_path / "none.jsonl")})
+    with pytest.raises(SiloDataError, match="store-path.*no such folder"):
+        app.silo_files({"store-path": str(tmp_path / "no-store")})
+    with pytest.raises(SiloDataError, match="eval-path.*cannot be read"):
+        app._silo_records("eval-path", tmp_path / "bad.jsonl")
+    (tmp_path / "store").mkdir()
+    with pytest.raises(SiloDataError, match="store-path.*cannot be loaded"):
+        app._silo_store(tmp_path / "store")
+    assert app.silo_files({"partition-id": 1}) == {}
+    # a shard needs every client's records: a silo with its own data brings its own store
+    from fedrag_jax.config import load_config
+
+    config = load_config(None, ["fed.client_stores=partition"])
+    (tmp_path / "mine.jsonl").write_text('{"query": "q", "response": "r"}\n')
+    with pytest.raises(ConfigError, match="store-path"):
+        app.silo_task(config, "lsr", 0, {"data-path": tmp_path / "mine.jsonl"})
+    with pytest.raises(ConfigError, match="evaluate"):
+        app.evaluate_of({"evaluate": "maybe"})

@@ -241,6 +241,62 @@ def test_partition_errors_say_what_to_do():
         partition([{"topic": "a"}] * 4, 2, "random")
 
 
+# --- knowledge-store shards (fed.client_stores=partition) ------------------------------------
+def _shard_world(seed: int, n_passages: int = 200, n_records: int = 60, topics: int = 6):
+    rng = np.random.default_rng(seed)
+    passage_topics = [f"t{t}" for t in rng.integers(0, topics, n_passages)]
+    passage_topics[::17] = [None] * len(passage_topics[::17])  # some passages have no topic
+    gold = rng.choice(n_passages, n_records, replace=False)
+    records = [{"topic": passage_topics[g] or f"t{g % topics}", "gold_id": f"d{g}"}
+               for g in gold]
+    records[3]["gold_id"] = None  # a record without a known gold passage
+    return [f"d{i}" for i in range(n_passages)], passage_topics, records
+
+
+@pytest.mark.parametrize("scheme", ["iid", "topic", "dirichlet"])
+def test_shards_are_disjoint_cover_the_store_and_hold_their_clients_gold(scheme):
+    from fedrag_jax.federated.shards import shard_passages
+
+    ids, passage_topics, records = _shard_world(11)
+    parts = partition(records, 3, scheme, alpha=0.3, seed=5)
+    shards = shard_passages(ids, passage_topics, records, parts, scheme, seed=5)
+    joined = np.sort(np.concatenate(shards))
+    np.testing.assert_array_equal(joined, np.arange(len(ids)))  # disjoint and covering
+    owner = {ids[i]: c for c, rows in enumerate(shards) for i in rows}
+    for c, rows in enumerate(parts):
+        for r in rows:
+            if records[r]["gold_id"] is not None:
+                assert owner[records[r]["gold_id"]] == c
+    sizes = [len(s) for s in shards]
+    if scheme == "iid":  # gold passages follow their records, the rest evens the sizes out
+        assert max(sizes) - min(sizes) <= 1
+    if scheme == "topic":  # a topic's passages live with the client holding its records
+        for c, rows in enumerate(parts):
+            mine = {records[r]["topic"] for r in rows}
+            for i, t in enumerate(passage_topics):
+                if t in mine:
+                    assert owner[ids[i]] == c
+    again = shard_passages(ids, passage_topics, records, parts, scheme, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
+    if scheme != "topic":  # (topic: whole topics to their owners, nothing left to chance)
+        other = shard_passages(ids, passage_topics, records, parts, scheme, seed=6)
+        assert any(not np.array_equal(a, b) for a, b in zip(shards, other, strict=True))
+
+
+def test_dirichlet_shards_follow_the_topic_shares_of_the_records():
+    from fedrag_jax.federated.shards import shard_passages
+
+    ids, passage_topics, records = _shard_world(3, n_passages=600, n_records=40, topics=3)
+    parts = partition(records, 3, "dirichlet", alpha=0.2, seed=2)
+    shards = shard_passages(ids, passage_topics, records, parts, "dirichlet", seed=2)
+    golds = {r["gold_id"] for r in records}
+    for t in ("t0", "t1", "t2"):
+        held = np.array([sum(records[r]["topic"] == t for r in p) for p in parts], float)
+        got = np.array([sum(passage_topics[i] == t and ids[i] not in golds for i in s)
+                        for s in shards], float)
+        np.testing.assert_allclose(got / got.sum(), held / held.sum(), atol=0.02)
+
+
 # --- aggregation: our JAX rules == Flower's strategies ----------------------------------------
 def _reply(arrays: dict[str, np.ndarray], n: int, node: int) -> Message:
     meta = Metadata(run_id=0, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
@@ -767,3 +823,143 @@ def test_secagg_settings_are_checked():
         task = make_task(2, eval_data=False)
         task.config = dataclasses.replace(task.config, secagg=True, secagg_num_shares=2)
         task._validate()
+
+
+# --- per-client knowledge stores through the manager (fed.client_stores) ----------------------
+def shard_manager(tmp_path, client_stores: str, engine: str = "spmd"):
+    """A manager on tiny models: 24 passages in 4 topics, 12 records naming a gold passage."""
+    from fedrag_jax.config import load_config
+    from fedrag_jax.finetune.manager import FinetuneManager
+    from fedrag_jax.knowledge_store import ExactKnowledgeStore
+    from fedrag_jax.rag import RAGSystem
+    from fedrag_jax.sharding import make_mesh
+    from fedrag_jax.types import RAGConfig
+    from tests.helpers import tiny_rag_parts
+
+    retriever, plain, generator, _ = tiny_rag_parts(tmp_path, num_passages=24, seed=3)
+    ids = plain.node_ids()
+    nodes = plain.get(ids)
+    store = ExactKnowledgeStore(mesh=plain.mesh)
+    topic = {i: f"t{n % 4}" for n, i in enumerate(ids)}
+    store.add_arrays(ids, np.stack([n.embedding for n in nodes]), [n.text for n in nodes],
+                     [{"topic": topic[i]} for i in ids])
+    rng = np.random.default_rng(5)
+    golds = rng.choice(24, 12, replace=False)
+    records = [{"query": " ".join(f"w{i}" for i in rng.integers(4, 96, 4)),
+                "response": " ".join(f"w{i}" for i in rng.integers(4, 96, 3)),
+                "gold_id": ids[g], "topic": topic[ids[g]]} for g in golds]
+    config = load_config(None, [
+        "mode=retriever", "federated=true", f"output_dir={tmp_path / 'run'}", "progress=false",
+        "lsr.batch_size=2", "lsr.max_length=128", "lsr.learning_rate=1e-2", "ralt.batch_size=2",
+        "ralt.lora_rank=2", "ralt.max_length=128", "retrieval.top_k=3",
+        "retrieval.max_context_tokens=64", "fed.num_clients=2", "fed.rounds=2",
+        "fed.local_steps=2", "fed.partition=topic", "fed.min_clients=2",
+        f"fed.client_stores={client_stores}", f"fed.engine={engine}"])
+    rag = RAGSystem(retriever, store, generator,
+                    RAGConfig(top_k=3, prompt_template="w4 {context} w5 {query} w6"))
+    return FinetuneManager(rag, records, [], config, mesh=make_mesh(None, jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    manager = shard_manager(tmp_path_factory.mktemp("shards"), "partition")
+    from fedrag_jax.federated.partition import partition_from_config
+
+    parts = partition_from_config(manager.train_records, manager.config.fed, seed=0)
+    return manager, parts, manager.client_stores(parts), manager.get_federated_task("lsr")
+
+
+def test_partition_stores_shard_the_store_once(sharded):
+    manager, parts, stores, _ = sharded
+    store = manager.rag.store
+    ids = [s.node_ids() for s in stores]
+    assert sorted(sum(ids, [])) == sorted(store.node_ids())  # covering
+    assert not set(ids[0]) & set(ids[1])  # disjoint
+    assert min(len(i) for i in ids) >= 3  # each can answer a top-3 search
+    # the shards hold one copy of the matrix between them, each its own exact index
+    assert sum(s._emb.shape[0] for s in stores) == store.count
+    for c, s in enumerate(stores):
+        assert s is not store and s.mesh is store.mesh
+        topics = {manager.train_records[r]["topic"] for r in parts[c]}
+        for r in parts[c]:
+            assert manager.train_records[r]["gold_id"] in ids[c]
+        assert {m["topic"] for m in s.node_metadata()} == topics  # topic partition: its own
+
+
+def test_partition_stores_lsr_batches_come_from_the_clients_shard(sharded):
+    manager, parts, stores, task = sharded
+    for c, (data, store) in enumerate(zip(task.client_data, stores, strict=True)):
+        mine = set(store.node_ids())
+        assert data.n == len(parts[c])
+        assert {str(i) for i in data.passage_ids.ravel()} <= mine
+        shard_emb = store._emb[:store.count]
+        other = stores[1 - c]._emb[:stores[1 - c].count]
+        for index in range(len(data)):
+            emb = data.batch_at(0, index)["passage_emb"].reshape(-1, shard_emb.shape[1])
+            for e in emb:  # every candidate's embedding is a row of this client's shard only
+                assert np.abs(shard_emb - e).max(axis=1).min() == 0
+                assert np.abs(other - e).max(axis=1).min() > 1e-3
+    # the clients' batches share one shape: the SPMD engine stacks them
+    shapes = [{k: v.shape for k, v in d.batch_at(0, 0).items()} for d in task.client_data]
+    assert shapes[0] == shapes[1]
+
+
+def test_partition_stores_ralt_prompts_hold_the_clients_passages(sharded):
+    from fedrag_jax.federated.local import stack_batches
+
+    manager, parts, stores, _ = sharded
+    task = manager.get_federated_task("ralt")
+    tok = manager.rag.generator.tokenizer
+    for c, data in enumerate(task.client_data):
+        passages = [tok(n.text, add_special_tokens=False)["input_ids"]
+                    for n in stores[c].get(stores[c].node_ids())]
+        seen = 0
+        for index in range(len(data)):
+            batch = data.batch_at(0, index)
+            for row, mask, w in zip(batch["input_ids"], batch["attention_mask"],
+                                    batch["weights"], strict=True):
+                if w == 0:
+                    continue
+                ids = " ".join(map(str, row[mask.astype(bool)]))
+                assert any(" ".join(map(str, p)) in ids for p in passages)
+                seen += 1
+        assert seen == 3 * data.n  # top-3 instances per record
+    stack_batches([d.batch_at(0, 0) for d in task.client_data])  # SPMD: one shape
+
+
+def test_partition_stores_spmd_equals_flower(sharded, task_identity):
+    """FedAvg on per-client shards: the SPMD simulator == the Flower ServerApp loop with the
+    ClientApp's handlers (in process)."""
+    _, _, _, task = sharded
+    spmd = task.run_spmd(devices=jax.devices()[:2])
+    flower = serve(LocalGrid(make_client_app(task), 2), task, ServerRun())
+    initial = flatten_params(task.initial_params())
+    final = flatten_params(spmd.params)
+    assert max(float(np.abs(final[k] - initial[k]).max()) for k in final) > 1e-4  # it trained
+    assert_close(final, flatten_params(flower.params))
+    for a, b in zip(spmd.history, flower.history, strict=True):
+        assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+
+
+def test_shared_stores_are_the_split_of_one_dataset(tmp_path):
+    """client_stores=shared (the default) is the old path: one dataset over the shared store,
+    cut by the partition, bit for bit."""
+    from fedrag_jax.config import FederatedConfig as F
+    from fedrag_jax.federated.partition import partition_from_config
+    from fedrag_jax.federated.shards import client_stores
+
+    assert F().client_stores == "shared"
+    manager = shard_manager(tmp_path, "shared")
+    assert manager.client_stores([np.arange(6), np.arange(6, 12)]) is None
+    task = manager.get_federated_task("lsr")
+    full = manager.lsr_dataset(manager.train_records)
+    parts = partition_from_config(manager.train_records, manager.config.fed, seed=0)
+    for data, p in zip(task.client_data, parts, strict=True):
+        for k, v in full.arrays.items():
+            np.testing.assert_array_equal(data.arrays[k], v[p])
+        np.testing.assert_array_equal(data.passage_ids, full.passage_ids[p])
+    # retrieval over the whole store: some client ranks a passage outside its own shard
+    stores = client_stores(manager.rag.store, manager.train_records, parts,
+                           manager.config.fed)  # the shards partition mode would cut
+    assert any(not {str(i) for i in d.passage_ids.ravel()} <= set(s.node_ids())
+               for d, s in zip(task.client_data, stores, strict=True))

@@ -644,3 +644,40 @@ def test_default_store_prefers_scann():
     assert isinstance(exact, ExactKnowledgeStore) and exact.mesh is mesh
     with pytest.raises(ConfigError):
         default_store(8, colour="blue")
+
+
+# ------------------------------------------------------------------------------- subsets
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_subset_is_a_store_of_those_nodes_with_its_own_index(kind):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    ids = ids_for(300)
+    kw = {"mesh": make_mesh(None, jax.devices()[:2])} if kind == "exact" else {}
+    store = make(kind, metric="cosine", embedding_model="m", **kw)
+    store.add_arrays(ids, x, [f"text {i}" for i in ids], [{"topic": i % 3} for i in range(300)])
+    store.delete(["n5"])  # dead rows stay out of subsets
+    pick = [ids[i] for i in rng.permutation(300) if i != 5][:120]
+    sub = store.subset(pick)
+    assert type(sub) is type(store) and sub.metric == "cosine" and sub.embedding_model == "m"
+    if kind == "exact":
+        assert sub.mesh is store.mesh
+    assert sub.node_ids() == pick and sub.count == 120
+    # one copy of exactly those rows, bit for bit (no re-normalization), no spare capacity
+    assert sub._emb.shape == (120, 24) and not np.shares_memory(sub._emb, store._emb)
+    for a, b in zip(sub.get(pick[:10]), store.get(pick[:10]), strict=True):
+        assert a.text == b.text and a.metadata == b.metadata
+        np.testing.assert_array_equal(a.embedding, b.embedding)
+    # its search ranks only its own nodes, as an exact search over them would
+    q = rng.standard_normal((8, 24)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, got = sub.search(q, 5)
+    rows = [store._row_of[i] for i in pick]
+    truth = numpy_topk(store._emb[rows], pick, q, 5)
+    assert recall(truth, got) >= 0.95 and set(got.ravel()) <= set(pick)
+    store.delete(pick[:3])  # the subset is independent of its parent
+    assert sub.count == 120
+    with pytest.raises(NodeNotFoundError, match="unknown node ids 'n5'"):
+        store.subset(["n5"])
+    with pytest.raises(DuplicateNodeError):
+        store.subset(["n1", "n1"])
+    assert store.node_metadata(["n7", "n2"]) == [{"topic": 1}, {"topic": 2}]

@@ -8,6 +8,9 @@ Deployed: ``app`` (the ServerApp / ClientApp pyproject.toml names for ``flwr run
 Privacy: Flower's client-side-clipping DP (``server.make_strategy``, ``client.dp_clipping_mod``)
 and SecAgg+ on Flower's legacy workflow (``secagg``).
 
+Clients retrieve from the shared knowledge store or, with ``fed.client_stores=partition``,
+from their own shard of it (``shards``).
+
 Only the trainable params travel (``payload``), validated on receipt; clients run the same
 train steps as centralized training (``local``); the server rules are Flower's strategies,
 mirrored in JAX for the SPMD engine (``aggregate``).

@@ -15,11 +15,28 @@ Both build their side of the federated task from the run config (defaults in
                   "fed.rounds=5 output_dir=/data/fed-run model.retriever=/models/minilm"
     method        lsr | ralt; empty: from ``mode`` (retriever -> lsr, generator -> ralt)
 
+    evaluate      true: after every round the clients evaluate the global params on their
+                  eval-path files (below); default false
+
 The server builds only the model (a deployed server holds no data), runs the rounds of
 ``server.serve`` and checkpoints every round to ``<output_dir>/federated_<method>/
 checkpoints``; a second ``flwr run`` with the same output_dir resumes after the last
-completed round. Each SuperNode is one client: ``--node-config "partition-id=<i>"`` picks
-its share of the configured training records (``fed.partition``), as in simulation.
+completed round. Each SuperNode is one client, configured by its node config
+(``--node-config "partition-id=0 data-path='/silo/train.jsonl'"``):
+
+    partition-id  the client's index 0..num_clients-1 (required): its name in the history,
+                  its rng stream and, without data-path, its share of the configured
+                  training records (``fed.partition``), as in simulation
+    data-path     the silo's own training records (JSONL {query, response, ...}): the client
+                  trains on all of them, no partitioning
+    store-path    the silo's own knowledge store (a folder ``KnowledgeStore.persist`` or
+                  ``fedrag-jax index build`` wrote: ``<index>/store``); else the configured
+                  store (its shard of it with ``fed.client_stores=partition`` and no data-path)
+    eval-path     the silo's own eval records (JSONL), used when the run config's evaluate
+                  is true
+
+A missing or unreadable file is a :class:`~fedrag_jax.errors.SiloDataError`: that client's
+reply is an error, and the round goes on with the others if ``fed.min_clients`` allows.
 
 With ``fed.secagg`` set the server runs SecAgg+ (``secagg.serve_secagg``: Flower's legacy
 workflow, FedAvg) and the ClientApp answers its train messages with the legacy client behind
@@ -44,14 +61,21 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config
-from ..errors import ConfigError
-from .client import dp_clipping_mod, handle_evaluate, handle_identify, handle_train
+from ..errors import ConfigError, DataError, FedRAGJaxError, SiloDataError
+from .client import (
+    client_id_of_node,
+    dp_clipping_mod,
+    handle_evaluate,
+    handle_identify,
+    handle_train,
+)
 from .secagg import check_secagg, make_secagg_client_app, serve_secagg
 from .server import ServerRun, ServerTask, serve
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root, or the installed FAB
 METHODS = ("lsr", "ralt")
-# One task per process and run config (Ray actors keep theirs between messages).
+SILO_KEYS = ("data-path", "store-path", "eval-path")  # node-config keys naming a silo's files
+# One task per process, run config and silo files (Ray actors keep theirs between messages).
 _TASKS: dict[str, Any] = {}
 
 
@@ -92,21 +116,107 @@ def checkpoint_dir(config: Config, method: str) -> Path:
     return Path(config.output_dir) / f"federated_{method}" / "checkpoints"
 
 
+def evaluate_of(run_config: dict[str, Any]) -> bool:
+    value = run_config.get("evaluate", False)
+    if isinstance(value, str):
+        if value.strip().lower() not in ("", "true", "false", "1", "0"):
+            raise ConfigError(f"run config evaluate={value!r}; use true or false")
+        return value.strip().lower() in ("true", "1")
+    return bool(value)
+
+
 def _key(run_config: dict[str, Any]) -> str:
     return json.dumps({k: run_config[k] for k in sorted(run_config)}, default=str)
 
 
-def client_task(run_config: dict[str, Any]) -> Any:
-    """The client's :class:`FederatedTask`: the manager's own (same models, records,
-    partition and objective as ``train_federated``)."""
-    key = _key(run_config)
-    if key not in _TASKS:
-        from ..finetune.manager import FinetuneManager
+def silo_files(node_config: dict[str, Any]) -> dict[str, Path]:
+    """The files a node config names (``SILO_KEYS``), each checked to exist."""
+    files = {}
+    for key in SILO_KEYS:
+        raw = str(node_config.get(key, "") or "").strip()
+        if not raw:
+            continue
+        path = Path(raw).expanduser()
+        if key == "store-path" and not path.is_dir():
+            raise SiloDataError(f"node config {key}={raw!r}: no such folder; give the folder "
+                                "a store was persisted to (for an index folder: <index>/store)")
+        if key != "store-path" and not path.is_file():
+            raise SiloDataError(f"node config {key}={raw!r}: no such file; give an absolute "
+                                "path to a JSONL file of {query, response} records")
+        files[key] = path.resolve()
+    return files
 
-        config = config_from_run_config(run_config)
-        method = method_of(config, run_config)
-        _TASKS[key] = FinetuneManager.from_config(config).get_federated_task(method)
+
+def _silo_records(key: str, path: Path) -> list[dict]:
+    from ..finetune.batches import load_records
+
+    try:
+        return load_records(path)
+    except (OSError, DataError) as e:
+        raise SiloDataError(f"node config {key}={str(path)!r} cannot be read: {e}") from e
+
+
+def _silo_store(path: Path) -> Any:
+    from ..knowledge_store import load_store
+
+    try:
+        return load_store(path)
+    except (OSError, FedRAGJaxError) as e:
+        raise SiloDataError(f"node config store-path={str(path)!r} cannot be loaded: {e}") from e
+
+
+def client_task(run_config: dict[str, Any], node_config: dict[str, Any] | None = None) -> Any:
+    """The client's :class:`FederatedTask`: the manager's own (same models, records,
+    partition and objective as ``train_federated``). With a silo's own files in the node
+    config (``SILO_KEYS``) it holds that client's data only, built from those files."""
+    node_config = dict(node_config or {})
+    files = silo_files(node_config)
+    if not files:  # every client of this process: one task, as in simulation
+        key = _key(run_config)
+        if key not in _TASKS:
+            from ..finetune.manager import FinetuneManager
+
+            config = config_from_run_config(run_config)
+            method = method_of(config, run_config)
+            _TASKS[key] = FinetuneManager.from_config(config).get_federated_task(method)
+        return _TASKS[key]
+    config = config_from_run_config(run_config)
+    cid = client_id_of_node(node_config, config.fed.num_clients)
+    key = _key({**run_config, **{f"node:{k}": str(v) for k, v in files.items()},
+                "node:partition-id": cid})
+    if key not in _TASKS:
+        _TASKS[key] = silo_task(config, method_of(config, run_config), cid, files)
     return _TASKS[key]
+
+
+def silo_task(config: Config, method: str, client_id: int, files: dict[str, Path]) -> Any:
+    """One silo's task from its own files: records from data-path (all of them) or its
+    partition of the configured records, its store from store-path or the configured store
+    (its shard with ``fed.client_stores=partition``), eval records from eval-path."""
+    from ..federated.partition import partition_from_config
+    from ..finetune.manager import FinetuneManager, build_rag_system, load_train_eval_records
+    from ..sharding import make_mesh
+
+    c = config.fed
+    if "data-path" in files and "store-path" not in files and c.client_stores == "partition":
+        raise ConfigError("fed.client_stores=partition cuts the store by every client's "
+                          "records, which a silo with its own data-path does not see: give "
+                          "the node a store-path, or set fed.client_stores=shared")
+    store = _silo_store(files["store-path"]) if "store-path" in files else None
+    mesh = make_mesh(vars(config.mesh))
+    rag, corpus = build_rag_system(config, mesh, store=store)
+    if "data-path" in files:
+        records = _silo_records("data-path", files["data-path"])
+    else:
+        everyone, _ = load_train_eval_records(config, corpus)
+        manager = FinetuneManager(rag, everyone, [], config, mesh=mesh)
+        parts = partition_from_config(manager.train_records, c, seed=config.seed)
+        if store is None and c.client_stores == "partition":
+            rag.store = manager.client_stores(parts, method)[client_id]
+        records = [manager.train_records[i] for i in parts[client_id]]
+    evals = _silo_records("eval-path", files["eval-path"]) if "eval-path" in files else None
+    manager = FinetuneManager(rag, records, [], config, mesh=mesh)
+    return manager.get_client_task(method, client_id, eval_records=evals)
 
 
 def server_task(run_config: dict[str, Any]) -> ServerTask:
@@ -133,7 +243,8 @@ def server_task(run_config: dict[str, Any]) -> ServerTask:
         model, trainable, opt = ralt_model(config, generator)
     template = TrainState.create(model, make_optimizer(opt), trainable, config.seed)
     return ServerTask(template=template, config=config.fed,
-                      options=StrategyOptions.from_config(config.fed))
+                      options=StrategyOptions.from_config(config.fed),
+                      has_eval=evaluate_of(run_config))
 
 
 # --- the components Flower loads ------------------------------------------------------------
@@ -161,21 +272,23 @@ client_app = ClientApp(mods=[dp_clipping_mod])
 def _client_train(msg: Message, context: Context) -> Message:
     if config_from_run_config(context.run_config).fed.secagg:
         # SecAgg+ speaks Flower's legacy fit, behind secaggplus_mod (secagg.py)
-        return secagg_client(context.run_config)(msg, context)
-    return handle_train(client_task(context.run_config), msg, context)
+        return secagg_client(context.run_config, context.node_config)(msg, context)
+    return handle_train(client_task(context.run_config, context.node_config), msg, context)
 
 
-def secagg_client(run_config: dict[str, Any]) -> ClientApp:
-    """The legacy ClientApp (behind ``secaggplus_mod``) for this run's task, one a process."""
-    key = "secagg:" + _key(run_config)
+def secagg_client(run_config: dict[str, Any], node_config: dict[str, Any] | None = None
+                  ) -> ClientApp:
+    """The legacy ClientApp (behind ``secaggplus_mod``) for this node's task (one a task)."""
+    task = client_task(run_config, node_config)
+    key = f"secagg:{task.token}"
     if key not in _TASKS:
-        _TASKS[key] = make_secagg_client_app(client_task(run_config))
+        _TASKS[key] = make_secagg_client_app(task)
     return _TASKS[key]
 
 
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(client_task(context.run_config), msg, context)
+    return handle_evaluate(client_task(context.run_config, context.node_config), msg, context)
 
 
 @client_app.query("identify")

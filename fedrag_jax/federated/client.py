@@ -39,7 +39,11 @@ def _local(task: Any) -> Any:
 
 
 def client_id_of(context: Context, num_clients: int) -> int:
-    config = context.node_config
+    return client_id_of_node(context.node_config, num_clients)
+
+
+def client_id_of_node(config: Any, num_clients: int) -> int:
+    """The client index a node config's ``partition-id`` names."""
     if "partition-id" not in config:
         raise ConfigError("this node has no 'partition-id' in its node config; start it with "
                           "flower-supernode --node-config \"partition-id=<client index>\"")

@@ -36,6 +36,7 @@ class FederatedTask:
     """Everything a server and its clients need to agree on.
 
     ``client_data[c]`` / ``eval_data[c]``: client ``c``'s datasets (``batch_at`` + ``len``);
+    a deployed silo's task holds only its own (the others None: their data live elsewhere);
     ``objective(model, batch) -> (loss, aux)`` as in ``finetune.steps``. Strategy knobs come
     from ``options`` or, when absent, from the matching fields of ``config``.
     """
@@ -107,8 +108,10 @@ class FederatedTask:
             from .secagg import check_secagg
 
             check_secagg(c)
+        if all(d is None for d in self.client_data):
+            raise ConfigError("no client holds a dataset")
         for i, d in enumerate(self.client_data):
-            if len(d) < 1:
+            if d is not None and len(d) < 1:
                 raise ConfigError(f"client {i}'s dataset has no batches")
 
     # --- what one client does ----------------------------------------------------------------
@@ -147,6 +150,10 @@ class FederatedTask:
         """Client ``client_id``'s local training in round ``round_`` (1-based) from ``params``."""
         if not 0 <= client_id < len(self.client_data):
             raise ConfigError(f"client id {client_id} is outside 0..{len(self.client_data) - 1}")
+        if self.client_data[client_id] is None:
+            raise ConfigError(f"this process holds no training data for client {client_id}: "
+                              "check the node's partition-id (a silo's task holds only its "
+                              "own client's data)")
         steps = self.config.local_steps
         state = client_state(self.template, params, round_, client_id, steps)
         state, metrics = local_train(state, self.client_data[client_id], steps,
@@ -169,6 +176,9 @@ class FederatedTask:
         if getattr(self.config, "secagg", False):
             raise ConfigError("secagg (SecAgg+) runs on Flower's simulation engine: set "
                               "fed.engine=flower")
+        if any(d is None for d in self.client_data):
+            raise ConfigError("the SPMD simulator runs every client in one program: it needs "
+                              "every client's dataset (this task holds one silo's only)")
         if getattr(self.config, "dp_clipping_norm", None) is not None:
             raise ConfigError("differential privacy (dp_clipping_norm) runs on the Flower paths "
                               "(Flower's DP strategy wrapper and clipping mod): set "

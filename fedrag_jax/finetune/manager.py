@@ -29,7 +29,7 @@ from ..evals.benchmarks import BenchmarkExample
 from ..evals.metrics import exact_match, mrr, recall_at_k, token_f1
 from ..generator import Generator
 from ..indexing import build_store, load_corpus, reencode_store
-from ..knowledge_store import load_store
+from ..knowledge_store import KnowledgeStore, load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
 from ..qa_data import make_qa_pairs
 from ..rag import RAGSystem
@@ -60,8 +60,10 @@ def _path(value: str, which: str) -> str:
     return str(assets.retriever_path() if which == "retriever" else assets.generator_path())
 
 
-def build_rag_system(config: Config, mesh=None) -> tuple[RAGSystem, list[dict]]:
-    """The RAG system a config describes, and the corpus records it indexed."""
+def build_rag_system(config: Config, mesh=None,
+                     store: KnowledgeStore | None = None) -> tuple[RAGSystem, list[dict]]:
+    """The RAG system a config describes, and the corpus records it indexed (``store``: use
+    this store instead of the configured one, e.g. a silo's own)."""
     m, r = config.model, config.retrieval
     retriever = DualEncoder.from_pretrained(
         _path(m.retriever, "retriever"), m.context_retriever, dtype=m.dtype, mesh=mesh,
@@ -74,7 +76,9 @@ def build_rag_system(config: Config, mesh=None) -> tuple[RAGSystem, list[dict]]:
                                                    param_dtype=m.param_dtype, mesh=mesh),
                           load_tokenizer(gen_path), use_chat_template=m.use_chat_template)
     corpus = load_corpus(config.data.corpus, limit=config.data.corpus_limit)
-    if config.data.index:
+    if store is not None:
+        pass
+    elif config.data.index:
         store = load_store(Path(config.data.index) / "store")
     else:
         store = build_store(corpus, retriever, backend=r.backend, progress=config.progress)
@@ -261,10 +265,10 @@ class FinetuneManager:
         return cached[1]
 
     def _build_lsr_dataset(self, records: list[dict], retriever: DualEncoder | None = None,
-                           lm_scores: dict | None = None):
+                           lm_scores: dict | None = None, store: KnowledgeStore | None = None):
         c, lsr, rag = self.config, self.config.lsr, self.rag
         return build_lsr_dataset(
-            records, retriever or rag.retriever, rag.store, rag.generator,
+            records, retriever or rag.retriever, store or rag.store, rag.generator,
             top_k=lsr.top_k or rag.config.top_k, batch_size=lsr.batch_size,
             template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
@@ -384,10 +388,10 @@ class FinetuneManager:
         return loss
 
     # --- RALT ------------------------------------------------------------------------------
-    def ralt_dataset(self, records: list[dict]):
+    def ralt_dataset(self, records: list[dict], store: KnowledgeStore | None = None):
         c, ralt, rag = self.config, self.config.ralt, self.rag
         return build_ralt_dataset(
-            records, rag.retriever, rag.store, rag.generator,
+            records, rag.retriever, store or rag.store, rag.generator,
             top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
             template=rag.config.prompt_template, max_length=ralt.max_length,
             max_passage_tokens=rag.max_context_tokens, weighting=ralt.weighting, seed=c.seed,
@@ -416,24 +420,99 @@ class FinetuneManager:
     # --- federated ---------------------------------------------------------------------------
     def get_federated_task(self, method: str = "lsr"):
         """The same model, trainable subset and objective as centralized training, with the
-        training records partitioned among ``fed.num_clients`` clients."""
+        training records partitioned among ``fed.num_clients`` clients; each retrieves from
+        the shared store or (``fed.client_stores=partition``) from its own shard of it."""
         from ..federated.partition import partition_from_config, subset
-        from ..federated.task import FederatedTask
 
         c = self.config
         parts = partition_from_config(self.train_records, c.fed, seed=c.seed)
+        stores = self.client_stores(parts, method)
+        if stores is None:
+            if method == "lsr":
+                full = self.lsr_dataset(self.train_records)  # LM-score once, then split
+            else:
+                full = self.ralt_dataset(self.train_records)
+                if c.fed.engine == "spmd":  # clients' batches are stacked: one shape for all
+                    full.fix_length()
+            clients = [subset(full, p) for p in parts]
+        else:  # every client retrieves from its own shard
+            clients = self._client_datasets(
+                method, [[self.train_records[i] for i in p] for p in parts], stores)
+        return self._federated_task(method, clients)
+
+    def get_client_task(self, method: str, client_id: int, *,
+                        eval_records: list[dict] | None = None):
+        """One silo's task (deployment with the silo's own files): client ``client_id``
+        trains on all of this manager's training records, retrieved from its store, and
+        evaluates on ``eval_records``; the other clients' data live elsewhere (None)."""
+        n = self.config.fed.num_clients
+        if not 0 <= client_id < n:
+            raise ConfigError(f"client id {client_id} is outside 0..{n - 1}")
+        (data,) = self._client_datasets(method, [self.train_records], [self.rag.store])
+        clients: list = [None] * n
+        clients[client_id] = data
+        evals = None
+        if eval_records:
+            (evals_c,) = self._client_datasets(method, [load_records(eval_records)],
+                                               [self.rag.store])
+            evals_c.shuffle = False
+            evals = [None] * n
+            evals[client_id] = evals_c
+        return self._federated_task(method, clients, evals)
+
+    def client_stores(self, parts: list[np.ndarray], method: str = "lsr"):
+        """Each client's shard of the store (``fed.client_stores=partition``), or None when
+        every client retrieves from the shared store."""
+        c = self.config
+        if c.fed.client_stores == "shared":
+            return None
+        if c.fed.client_stores != "partition":
+            raise ConfigError(f"fed.client_stores={c.fed.client_stores!r}; choose shared or "
+                              "partition")
+        from ..federated.shards import client_stores
+
+        phase = c.lsr if method == "lsr" else c.ralt
+        return client_stores(self.rag.store, self.train_records, parts, c.fed, seed=c.seed,
+                             min_size=phase.top_k or self.rag.config.top_k)
+
+    def _client_datasets(self, method: str, records: list[list[dict]], stores: list) -> list:
+        """A dataset per client from its records and store, all in one batch shape (the SPMD
+        engine stacks them; the shared path gets this from splitting one dataset)."""
         if method == "lsr":
-            data = self.lsr_dataset(self.train_records)  # LM-score once, then split
+            datasets = [self._build_lsr_dataset(r, store=s)
+                        for r, s in zip(records, stores, strict=True)]
+            width = max(d.arrays["query_ids"].shape[1] for d in datasets)
+            pad = self.rag.retriever.tokenizer.pad_token_id or 0
+            for d in datasets:
+                extra = width - d.arrays["query_ids"].shape[1]
+                if extra:  # masked columns: the query tower ignores them
+                    d.arrays["query_ids"] = np.pad(d.arrays["query_ids"], ((0, 0), (0, extra)),
+                                                   constant_values=pad)
+                    d.arrays["query_mask"] = np.pad(d.arrays["query_mask"],
+                                                    ((0, 0), (0, extra)))
+            return datasets
+        datasets = [self.ralt_dataset(r, store=s) for r, s in zip(records, stores, strict=True)]
+        target = max(d.target_length for d in datasets)
+        fixed = self.config.fed.engine == "spmd"
+        buckets = max(d.fix_length().buckets for d in datasets) if fixed else None
+        for d in datasets:
+            d.target_length = target
+            if buckets is not None:
+                d.buckets = buckets
+        return datasets
+
+    def _federated_task(self, method: str, clients: list, evals: list | None = None):
+        from ..federated.task import FederatedTask
+
+        c = self.config
+        if method == "lsr":
             towers, trainable, opt = self.lsr_model()
-            return FederatedTask.lsr(towers, trainable, opt, [subset(data, p) for p in parts],
-                                     c.fed, tau_retrieval=c.lsr.tau_retrieval,
-                                     tau_lm=c.lsr.tau_lm, seed=c.seed)
-        data = self.ralt_dataset(self.train_records)
-        if c.fed.engine == "spmd":  # clients' batches are stacked: one shape for all
-            data.fix_length()
+            return FederatedTask.lsr(towers, trainable, opt, clients, c.fed, eval_data=evals,
+                                     tau_retrieval=c.lsr.tau_retrieval, tau_lm=c.lsr.tau_lm,
+                                     seed=c.seed)
         model, trainable, opt = self.ralt_model()
-        return FederatedTask.ralt(model, trainable, opt, [subset(data, p) for p in parts],
-                                  c.fed, seed=c.seed)
+        return FederatedTask.ralt(model, trainable, opt, clients, c.fed, eval_data=evals,
+                                  seed=c.seed)
 
     def train_federated(self) -> dict[str, Any]:
         """Federated LSR and/or RALT (per ``mode``) on the configured engine."""

@@ -298,6 +298,15 @@ class KnowledgeStore(abc.ABC):
                              embedding=self._emb[row].copy(),
                              metadata=dict(self._metadata[row]))
 
+    def node_metadata(self, ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Copies of the nodes' metadata (all live nodes in row order when ``ids`` is None),
+        without copying their embeddings as :meth:`get` does."""
+        ids = self.node_ids() if ids is None else list(ids)
+        missing = [i for i in ids if i not in self._row_of]
+        if missing:
+            raise NodeNotFoundError(f"unknown node ids {_preview(missing)}")
+        return [dict(self._metadata[self._row_of[i]]) for i in ids]
+
     def node_ids(self) -> list[str]:
         """Live node ids in row order."""
         return list(self._row_of)
@@ -358,6 +367,36 @@ class KnowledgeStore(abc.ABC):
             out_s[c:c + 64] = np.take_along_axis(ps, order, axis=1)
             out_r[c:c + 64] = np.take_along_axis(part, order, axis=1) + start
         return out_s, out_r
+
+    def subset(self, ids: Sequence[str]) -> KnowledgeStore:
+        """A new store of the same type and settings holding only the nodes ``ids`` (in that
+        order), with its own index, built at its first search.
+
+        The nodes' rows are copied once (no re-normalization: they are stored normalized),
+        so the subsets of a partition of the ids hold one copy of the matrix between them.
+        """
+        ids = list(ids)
+        missing = [i for i in ids if i not in self._row_of]
+        if missing:
+            raise NodeNotFoundError(f"cannot take a subset with unknown node ids "
+                                    f"{_preview(missing)}")
+        if len(set(ids)) != len(ids):
+            raise DuplicateNodeError("a subset names some node ids twice")
+        if not ids:
+            raise EmptyStoreError("a subset needs at least one node id")
+        rows = np.fromiter((self._row_of[i] for i in ids), np.int64, len(ids))
+        kwargs = {**self._store_config(), **self._subset_options()}
+        sub = type(self)(dimension=self._dim, metric=self._metric,
+                         embedding_model=self.embedding_model,
+                         embedding_model_hash=self.embedding_model_hash, **kwargs)
+        sub._load_rows(ids, self._emb[rows], [self._texts[r] for r in rows],
+                       [dict(self._metadata[r]) for r in rows])
+        return sub
+
+    def _subset_options(self) -> dict[str, Any]:
+        """Constructor options a subset shares that the manifest does not record (e.g. the
+        exact store's mesh)."""
+        return {}
 
     # ---------------------------------------------------------------- backend hooks
     @abc.abstractmethod

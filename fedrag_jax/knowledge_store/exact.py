@@ -120,6 +120,9 @@ class ExactKnowledgeStore(KnowledgeStore):
         return {**super()._store_config(), "query_chunk": self.query_chunk,
                 "score_budget": self.score_budget}
 
+    def _subset_options(self) -> dict[str, Any]:
+        return {"mesh": self.mesh}
+
     # ------------------------------------------------------------ device copy
     def _on_change(self) -> None:
         if self._n_rows != self._dev_n_rows:

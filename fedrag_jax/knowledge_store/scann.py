@@ -139,6 +139,9 @@ class ScannKnowledgeStore(KnowledgeStore):
     def _store_config(self) -> dict[str, Any]:
         return {**super()._store_config(), "scann_config": asdict(self.config)}
 
+    def _subset_options(self) -> dict[str, Any]:
+        return {"show_progress": self.show_progress}
+
     # ------------------------------------------------------------ change tracking
     def _on_change(self) -> None:
         self._stats_stale = True

@@ -391,9 +391,12 @@ def run_engines(args: argparse.Namespace) -> dict[str, Any]:
     task = lsr_task(encoder, vocab, num_clients=SPMD_DEVICES, local_steps=args.engine_local_steps,
                     rounds=args.engine_rounds, batch_size=args.lsr_batch if bundled else 4,
                     length=32 if bundled else 16)
+    # the SPMD engine's devices: all 8 (one client per device) or, with --spmd-devices, fewer
+    # slices with several clients vmapped on each (on a CPU: as many devices as cores)
+    spmd_devices = jax.devices()[:args.spmd_devices or n]
     out: dict[str, Any] = {"model": what, "clients": SPMD_DEVICES,
                            "local_steps": args.engine_local_steps, "rounds": args.engine_rounds,
-                           "devices": n}
+                           "devices": n, "spmd_devices": len(spmd_devices)}
 
     # in-process client compute of this task (for the Flower transport estimate)
     params, _ = task.client_update(0, task.initial_params(), 1)
@@ -409,7 +412,7 @@ def run_engines(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(2):
         log(f"SPMD run {i + 1}/2 ({'compile included' if i == 0 else 'compiled'}) ...")
         start = time.perf_counter()
-        result = task.run_spmd()
+        result = task.run_spmd(devices=spmd_devices)
         jax.block_until_ready(result.params)  # the last aggregation is dispatched async
         total = time.perf_counter() - start
         spmd_runs.append({"total_s": total, "round_s": [r.seconds for r in result.history]})
@@ -490,6 +493,9 @@ def main() -> None:
                    help="towers of the SPMD-vs-Flower part (bundled: MiniLM, minutes more)")
     p.add_argument("--engine-rounds", type=int, default=None, help="rounds (3; quick 2)")
     p.add_argument("--flower-runs", type=int, default=None, help="Flower runs (2; quick 1)")
+    p.add_argument("--spmd-devices", type=int, default=None,
+                   help="devices the SPMD engine uses (default all 8: a client each; fewer: "
+                        "several clients vmapped per device slice)")
     p.add_argument("--skip-ralt", action="store_true")
     p.add_argument("--skip-engines", action="store_true")
     p.add_argument("--skip-flower", action="store_true")
@@ -619,6 +625,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
         what = f"{e['clients']} clients x {e['local_steps']} steps x {e['rounds']} rounds"
         rows += [
             ("engines: work", f"LSR, {e['model']}, {what}", "", ""),
+            ("SPMD devices (client slices)", f"{e.get('spmd_devices', e['devices'])} of "
+             f"{e['devices']}", "", ""),
             ("SPMD total, first run (compile incl.)", f"{s['spmd_first_total_s']:.2f} s", "", ""),
             ("SPMD total, second run (compiled)", f"{s['spmd_warm_total_s']:.2f} s", "", ""),
             ("SPMD steady round", f"{s['spmd_steady_round_s']:.3f} s", "", ""),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from fedrag_jax.config import load_config
+from fedrag_jax.errors import ConfigError
 from fedrag_jax.finetune.manager import FinetuneManager
 from fedrag_jax.rag import RAGSystem
 from fedrag_jax.sharding import make_mesh
@@ -18,11 +20,12 @@ def test_manager_both_modes_train_and_report(tmp_path):
     retriever, store, generator, records = tiny_rag_parts(tmp_path)
     for i, r in enumerate(records):  # make the gold passage known for recall
         r["gold_id"] = f"p{i}"
-    config = load_config(None, [
+    overrides = [
         "mode=both", f"output_dir={tmp_path / 'run'}", "progress=false",
         "lsr.steps=3", "lsr.batch_size=2", "lsr.max_length=128", "lsr.learning_rate=1e-3",
         "ralt.steps=2", "ralt.batch_size=2", "ralt.lora_rank=4", "ralt.max_length=128",
-        "retrieval.top_k=2", "checkpoint_every=2", "mesh.data=1"])
+        "retrieval.top_k=2", "checkpoint_every=2", "mesh.data=1"]
+    config = load_config(None, overrides)
     rag = RAGSystem(retriever, store, generator,
                     RAGConfig(top_k=2, prompt_template="w4 {context} w5 {query} w6"),
                     max_new_tokens=4)
@@ -52,6 +55,12 @@ def test_manager_both_modes_train_and_report(tmp_path):
     for phase in ("lsr", "ralt"):
         assert (run / phase / "metrics.jsonl").is_file()
         assert (run / phase / "loss.png").is_file()
+    # the same output_dir with another learning rate: its checkpoints are refused, by name
+    changed = load_config(None, [*overrides, "lsr.learning_rate=5e-4"])
+    other = FinetuneManager(rag, records, records[:3], changed,
+                            mesh=make_mesh(None, jax.devices()[:1]))
+    with pytest.raises(ConfigError, match=r"lsr\.learning_rate: 0\.001 -> 0\.0005"):
+        other.train_retriever()
 
 
 def test_manager_federated_is_one_setting(tmp_path):

@@ -217,6 +217,34 @@ def test_sharded_training_on_a_mesh_resumes_exactly(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
+    """A run that finds checkpoints written under other settings (another lr, model, data)
+    refuses them by name instead of continuing them; same settings and more steps resume."""
+    tx = optax.sgd(1e-2)
+    step = functools.partial(train_step, objective=regression)
+
+    def run(total, settings):
+        state = TrainState.create(Probe(3), tx, seed=1)
+        config = TrainerConfig(total_steps=total, output_dir=str(tmp_path), progress=False,
+                               plot=False, checkpoint_every=1, settings=settings)
+        return Trainer(state, step, Regression(), config).train()
+
+    first = {"seed": 0, "lsr": {"learning_rate": 3e-5, "buckets": (64, 128)},
+             "model": {"retriever": "/models/a"}}
+    run(2, first)
+    other = {"seed": 0, "lsr": {"learning_rate": 1e-4, "buckets": (64, 128)},
+             "model": {"retriever": "/models/b"}}
+    with pytest.raises(ConfigError, match=r"lsr\.learning_rate: 3e-05 -> 0\.0001; "
+                                          r"model\.retriever: '/models/a' -> '/models/b'"):
+        run(4, other)
+    with CheckpointManager(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps()[-1] == 2  # nothing was overwritten
+    resumed = run(4, first)  # tuples come back from the JSON metadata as lists: still equal
+    assert int(resumed.step) == 4
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert steps_of(records, "train") == [1, 2, 3, 4]
+
+
 def test_config_is_validated():
     with pytest.raises(ConfigError):
         TrainerConfig(total_steps=0, output_dir="x")

@@ -566,7 +566,20 @@ class FinetuneManager:
         c = self.config
         return TrainerConfig(total_steps=steps, output_dir=str(self.output_dir / name),
                              eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                             keep_checkpoints=c.keep_checkpoints, progress=c.progress, name=name)
+                             keep_checkpoints=c.keep_checkpoints, progress=c.progress, name=name,
+                             settings=self.run_settings(name))
+
+    def run_settings(self, name: str) -> dict[str, Any]:
+        """What decides a phase's trajectory: resuming its checkpoints under other settings
+        is refused. Left out: what a resume may change (more ``steps``, how often it
+        evaluates, checkpoints or logs, progress bars)."""
+        c = self.config.to_dict()
+        method = "lsr" if name.startswith("lsr") else "ralt"
+        free = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
+                "eval_generate", "eval_generate_max"}
+        section = {k: v for k, v in c[method].items() if k not in free}
+        return {"seed": c["seed"], "model": c["model"], "data": c["data"],
+                "retrieval": c["retrieval"], method: section}
 
     # --- the one call ------------------------------------------------------------------------
     def train(self, *, evaluate: bool = True) -> dict[str, Any]:

@@ -60,6 +60,9 @@ class TrainerConfig:
     resume: bool = True
     plot: bool = True
     name: str = "train"
+    # what this run trains (model, data, method settings; JSON-able): a checkpoint written
+    # with other settings is refused on resume instead of silently continued
+    settings: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -223,6 +226,16 @@ class Trainer:
                 f"{ckpt.directory} holds checkpoints (steps {ckpt.all_steps()}) but "
                 "resume=False; set resume=True to continue, or choose an empty output_dir")
         state, meta = ckpt.restore(self.state)  # logs and skips damaged newer steps
+        saved = (meta.get("config") or {}).get("settings")
+        if cfg.settings is not None and saved is not None:
+            changed = _changed_settings(saved, _jsonable(cfg.settings))
+            if changed:
+                raise ConfigError(
+                    f"{ckpt.directory} holds checkpoints of a run with other settings ("
+                    + "; ".join(changed[:8]) + (f"; +{len(changed) - 8} more" if
+                                                len(changed) > 8 else "")
+                    + "): resuming would mix two runs. Choose another output_dir, or "
+                    "delete those checkpoints to start over")
         done = int(meta.get("step", ckpt.last_restored_step))
         epoch, index = (int(x) for x in meta["data_position"])
         log.info("%s: resumed from checkpoint step %d (epoch %d, batch %d)",
@@ -383,6 +396,26 @@ def _own_buffers(state: TrainState) -> TrainState:
         return x
 
     return jax.tree.map(own, state)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as a checkpoint's JSON metadata would give it back (tuples as lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two nested settings dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                out.append(f"{name}: {old.get(key, '(absent)')!r} -> "
+                           f"{new.get(key, '(absent)')!r}")
+            else:
+                out += _changed_settings(old[key], new[key], name)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 def _num_examples(batch: dict[str, Any]) -> int:

@@ -265,6 +265,8 @@ def test_deployed_app_runs_secagg_and_matches_fedavg(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         outputs[name] = load_worker_output(out)
     (exact, (plain,)), (secure, (record,)) = outputs["plain"], outputs["secure"]
+    exact = {k.removeprefix("lsr::"): v for k, v in exact.items()}
+    secure = {k.removeprefix("lsr::"): v for k, v in secure.items()}
     assert plain["aggregated"] and record["aggregated"]
     assert "secure aggregation" in record["note"]
     assert not record["num_examples"]  # the server never saw an individual update
@@ -393,3 +395,37 @@ def test_silo_files_are_checked_with_named_errors(tmp_path):
         app.silo_task(config, "lsr", 0, {"data-path": tmp_path / "mine.jsonl"})
     with pytest.raises(ConfigError, match="evaluate"):
         app.evaluate_of({"evaluate": "maybe"})
+
+
+def test_deployed_both_run_equals_train_federated(tmp_path):
+    """method both in one deployed run: federated LSR, then federated RALT whose clients
+    retrieve with the federated query tower the server sends along; each phase's result
+    equals the simulation path's (FinetuneManager.train_federated, Flower engine)."""
+    files = tiny_rag_files(tmp_path, num_records=12)
+    # a large LSR step: the tuned query tower retrieves other passages for RALT than the
+    # initial one (a RALT phase that ignored it would not match)
+    both = ["mode=both", "lsr.learning_rate=0.1", "ralt.batch_size=2", "ralt.lora_rank=4",
+            "ralt.max_length=128", "ralt.learning_rate=1e-2", "ralt.warmup_steps=0",
+            "data.eval=null"]
+    outputs = {}
+    for how in ("app", "manager"):  # overrides(): fed.engine=flower
+        run_config = {"config-path": "", "method": "", "overrides": shlex.join(
+            overrides(files, tmp_path / how) + both)}
+        out = tmp_path / f"{how}.npz"
+        done = subprocess.run([sys.executable, "-m", "tests.deployment_worker",
+                               json.dumps(run_config), str(out), how],
+                              capture_output=True, text=True, env=worker_env(tmp_path),
+                              cwd=REPO, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outputs[how] = load_worker_output(out)
+    (deployed, rounds), (simulated, sim_rounds) = outputs["app"], outputs["manager"]
+    assert [(r["phase"], r["round"]) for r in rounds] == \
+        [("lsr", 1), ("lsr", 2), ("ralt", 1), ("ralt", 2)]
+    assert all(r["aggregated"] and len(r["losses"]) == 2 for r in rounds)
+    assert deployed.keys() == simulated.keys()
+    assert any(k.startswith("lsr::query_tower") for k in deployed)
+    assert any(k.startswith("ralt::") and "lora" in k for k in deployed)
+    for k in deployed:
+        np.testing.assert_allclose(deployed[k], simulated[k], atol=2e-5, err_msg=k)
+    for mine, theirs in zip(rounds, sim_rounds, strict=True):
+        assert mine["losses"] == pytest.approx(theirs["losses"], rel=1e-4)

@@ -42,7 +42,7 @@ usage: tpu/federate.sh [options] [-- key=value ...]
   --clients N              spmd: number of simulated clients (fed.num_clients)  [4]
   --rounds N               federated rounds (fed.rounds)
   --app DIR                flower: the Flower App folder on worker 0 of slice 0  [~/$REMOTE_DIR]
-  --method lsr|ralt        flower: what the run trains (one per flwr run)  [from the config's mode]
+  --method lsr|ralt|both   flower: what the run trains (both: LSR, then RALT)  [from the config's mode]
   --stop                   flower: stop the SuperLink and SuperNodes
 
 $COMMON_USAGE
@@ -148,7 +148,8 @@ for kv in "${EXTRA[@]+"${EXTRA[@]}"}"; do
   [[ "$kv" != *[[:space:]\"\']* ]] || die "with --engine flower, '$kv' may not hold spaces or quotes"
   overrides+=" $kv"
 done
-[[ -z "$METHOD" || "$METHOD" == lsr || "$METHOD" == ralt ]] || die "--method must be lsr or ralt"
+[[ -z "$METHOD" || "$METHOD" == lsr || "$METHOD" == ralt || "$METHOD" == both ]] \
+  || die "--method must be lsr, ralt or both"
 run_config="config-path=\\\"$CONFIG\\\" overrides=\\\"$overrides\\\" method=\\\"$METHOD\\\""
 # a named connection "tpu" to the local SuperLink, for `flwr run`
 connection="[superlink.tpu]\\naddress = \\\"127.0.0.1:$LINK_PORT\\\"\\ninsecure = true\\n"

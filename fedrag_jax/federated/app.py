@@ -13,15 +13,18 @@ Both build their side of the federated task from the run config (defaults in
                   then in the app folder (the FAB carries ``configs/``)
     overrides     space-separated ``key=value`` fedrag-jax overrides, e.g.
                   "fed.rounds=5 output_dir=/data/fed-run model.retriever=/models/minilm"
-    method        lsr | ralt; empty: from ``mode`` (retriever -> lsr, generator -> ralt)
+    method        lsr | ralt | both; empty: from ``mode`` (retriever -> lsr, generator ->
+                  ralt, both -> both). both: federated LSR, then federated RALT whose
+                  messages carry the federated query tower (``RETRIEVER``): each client
+                  retrieves its RALT contexts with it, as ``train_federated`` does
 
     evaluate      true: after every round the clients evaluate the global params on their
                   eval-path files (below); default false
 
 The server builds only the model (a deployed server holds no data), runs the rounds of
 ``server.serve`` and checkpoints every round to ``<output_dir>/federated_<method>/
-checkpoints``; a second ``flwr run`` with the same output_dir resumes after the last
-completed round. Each SuperNode is one client, configured by its node config
+checkpoints`` (both: one folder per phase); a second ``flwr run`` with the same output_dir
+resumes after the last completed round. Each SuperNode is one client, configured by its node config
 (``--node-config "partition-id=0 data-path='/silo/train.jsonl'"``):
 
     partition-id  the client's index 0..num_clients-1 (required): its name in the history,
@@ -51,11 +54,13 @@ worker) the task is built once per process and kept.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -63,17 +68,21 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import Config, load_config
 from ..errors import ConfigError, DataError, FedRAGJaxError, SiloDataError
 from .client import (
+    CONFIG,
     client_id_of_node,
     dp_clipping_mod,
     handle_evaluate,
     handle_identify,
     handle_train,
 )
+from .payload import to_arrayrecord
 from .secagg import check_secagg, make_secagg_client_app, serve_secagg
 from .server import ServerRun, ServerTask, serve
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the repository root, or the installed FAB
-METHODS = ("lsr", "ralt")
+METHODS = ("lsr", "ralt", "both")
+PHASE = "phase"  # train/evaluate config key: the method a both-run's round trains
+RETRIEVER = "retriever"  # ArrayRecord of a both-run's RALT messages: the federated query tower
 SILO_KEYS = ("data-path", "store-path", "eval-path")  # node-config keys naming a silo's files
 # One task per process, run config and silo files (Ray actors keep theirs between messages).
 _TASKS: dict[str, Any] = {}
@@ -100,15 +109,25 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
 
 
 def method_of(config: Config, run_config: dict[str, Any]) -> str:
+    """lsr | ralt | both: the run config's method, or the config's mode."""
     method = str(run_config.get("method", "") or "").lower()
     if not method:
-        if config.mode == "both":
-            raise ConfigError("mode=both runs LSR then RALT, which a deployed run does one at "
-                              "a time: set the run config's method to 'lsr' or 'ralt'")
-        method = "lsr" if config.mode == "retriever" else "ralt"
+        method = {"retriever": "lsr", "generator": "ralt"}.get(config.mode, "both")
     if method not in METHODS:
         raise ConfigError(f"run config method={method!r}; choose one of {METHODS}")
     return method
+
+
+def phases_of(config: Config, run_config: dict[str, Any]) -> tuple[str, ...]:
+    """The methods a run trains, in order: both = federated LSR, then federated RALT whose
+    clients retrieve with the federated query tower (as ``train_federated`` does)."""
+    method = method_of(config, run_config)
+    phases = ("lsr", "ralt") if method == "both" else (method,)
+    if len(phases) > 1 and config.fed.secagg:
+        raise ConfigError("fed.secagg runs one method per flwr run (SecAgg+ messages cannot "
+                          "carry the query tower to the RALT phase): set the run config's "
+                          "method to lsr, then ralt")
+    return phases
 
 
 def checkpoint_dir(config: Config, method: str) -> Path:
@@ -165,31 +184,60 @@ def _silo_store(path: Path) -> Any:
         raise SiloDataError(f"node config store-path={str(path)!r} cannot be loaded: {e}") from e
 
 
-def client_task(run_config: dict[str, Any], node_config: dict[str, Any] | None = None) -> Any:
+def client_task(run_config: dict[str, Any], node_config: dict[str, Any] | None = None, *,
+                phase: str | None = None, retriever: Any = None) -> Any:
     """The client's :class:`FederatedTask`: the manager's own (same models, records,
     partition and objective as ``train_federated``). With a silo's own files in the node
     config (``SILO_KEYS``) it holds that client's data only, built from those files."""
     node_config = dict(node_config or {})
     files = silo_files(node_config)
+    config = config_from_run_config(run_config)
+    method = phase or method_of(config, run_config)
+    if method not in ("lsr", "ralt"):
+        raise ConfigError(f"a client trains lsr or ralt, got {method!r}")
+    tuned = _digest(retriever) if retriever is not None else ""
     if not files:  # every client of this process: one task, as in simulation
-        key = _key(run_config)
+        key = _key({**run_config, "phase": method, "retriever": tuned})
         if key not in _TASKS:
             from ..finetune.manager import FinetuneManager
 
-            config = config_from_run_config(run_config)
-            method = method_of(config, run_config)
-            _TASKS[key] = FinetuneManager.from_config(config).get_federated_task(method)
+            manager = FinetuneManager.from_config(config)
+            if retriever is not None:
+                install_query_tower(manager, retriever)
+            _TASKS[key] = manager.get_federated_task(method)
         return _TASKS[key]
-    config = config_from_run_config(run_config)
     cid = client_id_of_node(node_config, config.fed.num_clients)
     key = _key({**run_config, **{f"node:{k}": str(v) for k, v in files.items()},
-                "node:partition-id": cid})
+                "node:partition-id": cid, "phase": method, "retriever": tuned})
     if key not in _TASKS:
-        _TASKS[key] = silo_task(config, method_of(config, run_config), cid, files)
+        _TASKS[key] = silo_task(config, method, cid, files, retriever=retriever)
     return _TASKS[key]
 
 
-def silo_task(config: Config, method: str, client_id: int, files: dict[str, Path]) -> Any:
+def _digest(record: Any) -> str:
+    """A name for an ArrayRecord's contents (the cache key of the task built from it)."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in record.keys():
+        h.update(key.encode())
+        h.update(record[key].data)
+    return h.hexdigest()
+
+
+def install_query_tower(manager: Any, record: Any) -> None:
+    """Put the federated LSR result (a both-run's RETRIEVER record) into ``manager``'s RAG
+    system, so that its RALT data is retrieved by the tuned query tower."""
+    from ..finetune.optimizer import make_optimizer
+    from ..finetune.steps import TrainState
+    from .payload import from_arrayrecord
+
+    towers, trainable, opt = manager.lsr_model()
+    template = TrainState.create(towers, make_optimizer(opt), trainable, manager.config.seed)
+    params = from_arrayrecord(record, template.params)
+    manager.install_retriever(nnx.merge(template.graphdef, params, template.frozen))
+
+
+def silo_task(config: Config, method: str, client_id: int, files: dict[str, Path], *,
+              retriever: Any = None) -> Any:
     """One silo's task from its own files: records from data-path (all of them) or its
     partition of the configured records, its store from store-path or the configured store
     (its shard with ``fed.client_stores=partition``), eval records from eval-path."""
@@ -210,17 +258,23 @@ def silo_task(config: Config, method: str, client_id: int, files: dict[str, Path
     else:
         everyone, _ = load_train_eval_records(config, corpus)
         manager = FinetuneManager(rag, everyone, [], config, mesh=mesh)
+        if retriever is not None:  # before the shards: the store may be re-encoded
+            install_query_tower(manager, retriever)
+            retriever = None
         parts = partition_from_config(manager.train_records, c, seed=config.seed)
         if store is None and c.client_stores == "partition":
             rag.store = manager.client_stores(parts, method)[client_id]
         records = [manager.train_records[i] for i in parts[client_id]]
     evals = _silo_records("eval-path", files["eval-path"]) if "eval-path" in files else None
     manager = FinetuneManager(rag, records, [], config, mesh=mesh)
+    if retriever is not None:
+        install_query_tower(manager, retriever)
     return manager.get_client_task(method, client_id, eval_records=evals)
 
 
-def server_task(run_config: dict[str, Any]) -> ServerTask:
-    """The server's side of the task: the trainable params, built from the models alone."""
+def server_task(run_config: dict[str, Any], phase: str | None = None) -> ServerTask:
+    """The server's side of the task (of ``phase``, default the run's one method): the
+    trainable params, built from the models alone."""
     from ..finetune.manager import _path, lsr_model, ralt_model
     from ..finetune.optimizer import make_optimizer
     from ..finetune.steps import TrainState
@@ -228,7 +282,7 @@ def server_task(run_config: dict[str, Any]) -> ServerTask:
 
     config = config_from_run_config(run_config)
     m = config.model
-    if method_of(config, run_config) == "lsr":
+    if (phase or method_of(config, run_config)) == "lsr":
         from ..retriever import DualEncoder
 
         retriever = DualEncoder.from_pretrained(
@@ -254,15 +308,21 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config)
-    method = method_of(config, context.run_config)
+    phases = phases_of(config, context.run_config)
     if config.fed.secagg:
         check_secagg(config.fed)  # before building the model
-    task = server_task(context.run_config)
-    run = ServerRun(checkpoint_dir=str(checkpoint_dir(config, method).resolve()))
-    if config.fed.secagg:
-        serve_secagg(grid, context, task, run)
-    else:
-        serve(grid, task, run)
+    tuned: Any = None  # a both-run's federated query tower, for the RALT phase's clients
+    for phase in phases:
+        task = server_task(context.run_config, phase)
+        run = ServerRun(checkpoint_dir=str(checkpoint_dir(config, phase).resolve()),
+                        message_config={PHASE: phase},
+                        message_arrays={RETRIEVER: tuned} if tuned is not None else {})
+        if config.fed.secagg:
+            serve_secagg(grid, context, task, run)
+        else:
+            serve(grid, task, run)
+        if phase == "lsr" and len(phases) > 1:
+            tuned = to_arrayrecord(run.params)
 
 
 client_app = ClientApp(mods=[dp_clipping_mod])
@@ -273,7 +333,7 @@ def _client_train(msg: Message, context: Context) -> Message:
     if config_from_run_config(context.run_config).fed.secagg:
         # SecAgg+ speaks Flower's legacy fit, behind secaggplus_mod (secagg.py)
         return secagg_client(context.run_config, context.node_config)(msg, context)
-    return handle_train(client_task(context.run_config, context.node_config), msg, context)
+    return handle_train(phase_task(msg, context), msg, context)
 
 
 def secagg_client(run_config: dict[str, Any], node_config: dict[str, Any] | None = None
@@ -288,7 +348,17 @@ def secagg_client(run_config: dict[str, Any], node_config: dict[str, Any] | None
 
 @client_app.evaluate()
 def _client_evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(client_task(context.run_config, context.node_config), msg, context)
+    return handle_evaluate(phase_task(msg, context), msg, context)
+
+
+def phase_task(msg: Message, context: Context) -> Any:
+    """The task a message asks for: its phase (a both-run) or the run's method, built with
+    the federated query tower when the message carries one."""
+    content = msg.content
+    config = content.config_records.get(CONFIG, {})
+    return client_task(context.run_config, context.node_config,
+                       phase=str(config[PHASE]) if PHASE in config else None,
+                       retriever=content.array_records.get(RETRIEVER))
 
 
 @client_app.query("identify")

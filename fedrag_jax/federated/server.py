@@ -114,6 +114,10 @@ class ServerRun:
     resume: bool = True
     record_client_params: bool = False
     connect_timeout: float = 120.0  # seconds to wait for every client's node to appear
+    # added to every train/evaluate message: config entries, and named ArrayRecords (e.g. a
+    # both-run's phase and, for its RALT phase, the federated query tower)
+    message_config: dict[str, Any] = field(default_factory=dict)
+    message_arrays: dict[str, Any] = field(default_factory=dict)
     params: Any = None
     history: list[RoundRecord] = field(default_factory=list)
     node_to_client: dict[int, int] = field(default_factory=dict)
@@ -251,6 +255,15 @@ def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
     return {key: aggregated[key].numpy() for key in aggregated.keys()}
 
 
+def with_extras(messages: Any, run: ServerRun) -> list[Message]:
+    """``messages`` with ``run.message_arrays`` added to their content."""
+    messages = list(messages)
+    for msg in messages:
+        for name, record in run.message_arrays.items():
+            msg.content[name] = record
+    return messages
+
+
 def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
     """The server's rounds (the body of the ServerApp's main)."""
     c = task.config
@@ -271,8 +284,9 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
         for r in range(done + 1, c.rounds + 1):
             start = time.perf_counter()
             record = RoundRecord(round=r)
-            messages = strategy.configure_train(
-                r, to_arrayrecord(params), ConfigRecord({"local-steps": c.local_steps}), grid)
+            messages = with_extras(strategy.configure_train(
+                r, to_arrayrecord(params),
+                ConfigRecord({"local-steps": c.local_steps, **run.message_config}), grid), run)
             replies = list(grid.send_and_receive(messages, timeout=task.round_timeout))
             valid = screen_train_replies(replies, template, record, run.node_to_client,
                                          run.record_client_params)
@@ -291,8 +305,9 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
                 server = {"m": unflatten_params(inner.m_t, template, cast=True),
                           "v": unflatten_params(inner.v_t, template, cast=True)}
             if task.has_eval:
-                messages = strategy.configure_evaluate(r, to_arrayrecord(params),
-                                                       ConfigRecord(), grid)
+                messages = with_extras(strategy.configure_evaluate(
+                    r, to_arrayrecord(params), ConfigRecord(dict(run.message_config)), grid),
+                    run)
                 screen_eval_replies(list(grid.send_and_receive(
                     messages, timeout=task.round_timeout)), record, run.node_to_client)
             record.seconds = time.perf_counter() - start

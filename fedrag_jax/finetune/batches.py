@@ -6,6 +6,10 @@ LSR (retriever):  for each query, its top-k passages from the store (ids + froze
 RALT (generator): one instance per (query, passage): prompt(query, passage) + response + EOS,
     left-padded to a length bucket, with the positions that predict response + EOS (the only
     labelled tokens). The passage is truncated to fit, never the response.
+    Packed (``pack_rows``): instead of one left-padded row each, the instances of every
+    micro-batch share a fixed number of rows (first-fit decreasing) at the smallest length
+    bucket that holds them, with per-token segment ids; the labelled positions are the same
+    per instance, now read from the instance's row.
 
 Both datasets serve ``batch_at(epoch, index)``: a deterministic function of the data position
 (shuffled by a per-epoch seed), so a resumed run sees exactly the batches it would have seen.
@@ -114,6 +118,76 @@ def target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
         tmask[i, :len(t)] = True
     return {"input_ids": ids, "attention_mask": mask, "target_index": index,
             "target_ids": target, "target_mask": tmask}
+
+
+def first_fit_decreasing(lengths: Sequence[int], rows: int, capacity: int) -> list[int] | None:
+    """The row of each item when items longest first go to the first row with room, or None
+    if ``rows`` rows of ``capacity`` cannot hold them that way."""
+    free = [capacity] * rows
+    row_of = [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in order
+        row = next((r for r in range(rows) if free[r] >= lengths[i]), None)
+        if row is None:
+            return None
+        row_of[i], free[row] = row, free[row] - lengths[i]
+    return row_of
+
+
+def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
+                         rows: int, buckets: Sequence[int], pad_id: int,
+                         target_length: int | None = None, groups: int = 1):
+    """prompt+target sequences packed into ``rows`` rows of one length bucket.
+
+    The sequences are split into ``groups`` equal consecutive groups (the micro-batches of
+    the step) and each group is packed into its own ``rows / groups`` rows, so that a
+    micro-batch holds the same instances packed or not. Returns
+      input_ids, segment_ids [rows, L]  (segment s >= 1 = the s-th sequence of the row,
+                                         0 = padding at the row's end)
+      instance_row [N]                  the row holding each sequence
+      target_index, target_ids, target_mask [N, T]  as in :func:`target_arrays`, with
+                                         target_index a position in that row.
+    """
+    n = len(prompts)
+    if rows % groups or n % groups:
+        raise DataError(f"{n} sequences in {rows} packed rows cannot form {groups} equal "
+                        "micro-batches; make rows and sequences multiples of micro_batches")
+    seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+    lengths = [len(x) for x in seqs]
+    per_group, rows_per_group = n // groups, rows // groups
+    group_of = [range(g * per_group, (g + 1) * per_group) for g in range(groups)]
+    # the smallest bucket at which every group fits its rows
+    length = bucket_length(max(max(lengths), -(-max(
+        sum(lengths[i] for i in members) for members in group_of) // rows_per_group)), buckets)
+    while True:
+        placed = [first_fit_decreasing([lengths[i] for i in members], rows_per_group, length)
+                  for members in group_of]
+        if all(p is not None for p in placed):
+            break
+        length = bucket_length(length + 1, buckets)
+    ids = np.full((rows, length), pad_id, np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    instance_row = np.zeros(n, np.int32)
+    t_len = target_length or max(len(t) for t in targets)
+    target = np.zeros((n, t_len), np.int32)
+    index = np.zeros((n, t_len), np.int32)
+    tmask = np.zeros((n, t_len), bool)
+    fill = [0] * rows  # next free slot of each row
+    count = [0] * rows  # segments already in each row
+    for g, members in enumerate(group_of):
+        for i, local_row in zip(members, placed[g], strict=True):
+            row = g * rows_per_group + local_row
+            start, end = fill[row], fill[row] + lengths[i]
+            count[row] += 1
+            ids[row, start:end] = seqs[i]
+            segments[row, start:end] = count[row]
+            fill[row] = end
+            instance_row[i] = row
+            t = targets[i][:t_len]
+            target[i, :len(t)] = t
+            index[i, :len(t)] = np.arange(end - len(t) - 1, end - 1)
+            tmask[i, :len(t)] = True
+    return {"input_ids": ids, "segment_ids": segments, "instance_row": instance_row,
+            "target_index": index, "target_ids": target, "target_mask": tmask}
 
 
 def right_pad(rows: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):
@@ -248,6 +322,17 @@ class RALTDataset(_Epochs):
         self.target_length = max(len(t) for t in targets)  # fixed: one shape per bucket
         self.n = len(prompts)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.pack_rows: int | None = None  # set by pack()
+        self.pack_groups = 1
+
+    def pack(self, rows: int, micro_batches: int = 1) -> RALTDataset:
+        """Serve packed batches: each step's instances in ``rows`` rows (a multiple of
+        ``micro_batches``; each micro-batch's instances packed into its own rows)."""
+        if rows < 1 or rows % micro_batches:
+            raise DataError(f"pack rows={rows} must be a positive multiple of "
+                            f"micro_batches={micro_batches}")
+        self.pack_rows, self.pack_groups = rows, micro_batches
+        return self
 
     def fix_length(self) -> RALTDataset:
         """One sequence length for every batch (the bucket of the longest instance): what a
@@ -261,7 +346,12 @@ class RALTDataset(_Epochs):
         rows, valid = self.indices(epoch, index)
         prompts = [p for i in rows for p in self.prompts[i]]
         targets = [self.targets[i] for i in rows for _ in self.prompts[i]]
-        batch = target_arrays(prompts, targets, self.buckets, self.pad_id, self.target_length)
+        if self.pack_rows:
+            batch = packed_target_arrays(prompts, targets, self.pack_rows, self.buckets,
+                                         self.pad_id, self.target_length, self.pack_groups)
+        else:
+            batch = target_arrays(prompts, targets, self.buckets, self.pad_id,
+                                  self.target_length)
         weights = self.weights[rows] * valid[:, None]  # padding examples weigh nothing
         batch["weights"] = weights.reshape(-1).astype(np.float32)
         return batch

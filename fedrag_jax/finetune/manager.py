@@ -400,12 +400,29 @@ class FinetuneManager:
     def ralt_model(self) -> tuple[nnx.Module, Any, OptimizerConfig]:
         return ralt_model(self.config, self.rag.generator.model)
 
+    def pack_rows(self, instances_per_step: int) -> int:
+        """Rows of a packed RALT step: ``ralt.pack_rows``, or about two instances a row; a
+        multiple of micro_batches x the data-parallel devices (every micro-batch's rows are
+        split among them)."""
+        ralt = self.config.ralt
+        unit = ralt.micro_batches * self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if ralt.pack_rows is not None:
+            if ralt.pack_rows < 1 or ralt.pack_rows % unit:
+                raise ConfigError(f"ralt.pack_rows={ralt.pack_rows} must be a positive "
+                                  f"multiple of micro_batches x data-parallel devices = {unit}")
+            return ralt.pack_rows
+        half = -(-instances_per_step // 2)
+        return -(-half // unit) * unit  # rounded up to a multiple of unit
+
     def install_generator(self, model: nnx.Module) -> None:
         self.rag.generator.model = merge_lora(model) if has_lora(model) else model
 
     def train_generator(self) -> TrainState:
         c, ralt = self.config, self.config.ralt
         data = self.ralt_dataset(self.train_records)
+        if ralt.pack:
+            data.pack(self.pack_rows(data.batch_size * len(data.prompts[0])),
+                      ralt.micro_batches)
         model, trainable, opt = self.ralt_model()
         state = place_state(TrainState.create(model, make_optimizer(opt), trainable,
                                               seed=c.seed), self.mesh)
@@ -431,7 +448,8 @@ class FinetuneManager:
             if method == "lsr":
                 full = self.lsr_dataset(self.train_records)  # LM-score once, then split
             else:
-                full = self.ralt_dataset(self.train_records)
+                full = self.ralt_dataset(self.train_records)  # unpacked: ralt.pack is
+                # centralized (federated/partition.subset copies no packing)
                 if c.fed.engine == "spmd":  # clients' batches are stacked: one shape for all
                     full.fix_length()
             clients = [subset(full, p) for p in parts]

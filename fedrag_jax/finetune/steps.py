@@ -80,9 +80,19 @@ def lsr_objective(model: Towers, batch: Batch, *, tau_retrieval: float, tau_lm: 
 
 
 def ralt_objective(model: nnx.Module, batch: Batch):
-    """Logits only at the positions that predict response + EOS tokens."""
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-    picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
+    """Logits only at the positions that predict response + EOS tokens.
+
+    A packed batch (``segment_ids``) holds several instances per row; instance i's targets
+    are read from its row ``instance_row[i]`` (stored over the whole step: modulo the rows
+    here, it is the row within this micro-batch), so the loss is the same per instance.
+    """
+    if "segment_ids" in batch:
+        hidden, _ = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])
+        rows = batch["instance_row"] % hidden.shape[0]
+        picked = hidden[rows[:, None], batch["target_index"]]  # [N, T, D]
+    else:
+        hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        picked = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
     logits = model.logits(picked)
     loss = ralt_loss(logits, batch["target_ids"], batch["target_mask"], batch.get("weights"))
     return loss, {"target_tokens": jnp.sum(batch["target_mask"])}

@@ -419,8 +419,9 @@ def _changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _num_examples(batch: dict[str, Any]) -> int:
-    """Rows of the batch (its arrays' leading dimension)."""
-    first = next(iter(batch.values()), None)
+    """Examples of the batch: its instance weights' length if it has them (a packed RALT
+    batch has fewer rows than instances), else its arrays' leading dimension."""
+    first = batch.get("weights", next(iter(batch.values()), None))
     return int(np.shape(first)[0]) if first is not None and np.ndim(first) else 0
 
 

@@ -7,6 +7,10 @@
 
 Variants are settings, not subclasses: Qwen2 adds q/k/v biases, Qwen3 adds an RMSNorm on
 each query and key head before RoPE.
+
+Packed training rows (``segment_ids``): several sequences share a row, token t attends to
+token s iff s <= t and seg(s) = seg(t) != 0 (causal and block-diagonal), and RoPE positions
+restart at 0 where each segment starts, so every sequence is computed as if it were alone.
 """
 
 from __future__ import annotations
@@ -260,6 +264,18 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: t - (first slot of the segment at t).
+
+    Segments are contiguous runs of one id; a new segment starts wherever the id changes.
+    """
+    t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
+    return t - first
+
+
 class CausalLM(nnx.Module):
     """Llama-family decoder with an LM head. See the module docstring for the equations."""
 
@@ -295,10 +311,20 @@ class CausalLM(nnx.Module):
 
     # forward ------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+                      positions: jax.Array | None = None, cache: KVCache | None = None, *,
+                      segment_ids: jax.Array | None = None):
+        """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
+
+        ``segment_ids`` [B, T] (int, 0 = padding) instead of ``attention_mask``: packed rows
+        for training (no cache), see the module docstring.
+        """
         c = self.config
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) replace attention_mask and take no "
+                                 "KV cache: pass one or the other")
+            return self._packed_hidden_states(input_ids, segment_ids, positions), None
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
@@ -334,6 +360,24 @@ class CausalLM(nnx.Module):
         new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, cache.index + t)
         return h, new_cache
 
+    def _packed_hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array,
+                              positions: jax.Array | None) -> jax.Array:
+        c = self.config
+        t = input_ids.shape[1]
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        slots = jnp.arange(t)
+        allowed = slots[None, :] <= slots[:, None]  # causal, [T, T]
+        if c.sliding_window is not None:
+            allowed &= slots[None, :] > slots[:, None] - c.sliding_window
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # block-diagonal
+        mask = allowed[None] & same & (segment_ids[:, None, :] != 0)  # [B, T, T]
+        inv_freq = rope_inverse_frequencies(c)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h, _ = layer(h, positions, inv_freq, mask)
+        return self.norm(h)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: hidden [..., D] -> logits [..., V] (float32)."""
         if self.config.tie_word_embeddings:
@@ -343,9 +387,11 @@ class CausalLM(nnx.Module):
         return out.astype(jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None):
+                 positions: jax.Array | None = None, cache: KVCache | None = None, *,
+                 segment_ids: jax.Array | None = None):
         """logits [B, T, V]; with ``cache``, returns ``(logits, updated_cache)``."""
-        h, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+        h, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache,
+                                          segment_ids=segment_ids)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 

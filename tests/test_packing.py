@@ -1,0 +1,223 @@
+"""Sequence packing for RALT: a packed row computes each of its sequences as if it were alone
+(same logits, no attention across segments, positions from 0), and the packed RALT step has
+the same loss and gradients as the left-padded one, compiles once per packed shape and runs
+sharded on 8 devices as on 1."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from fedrag_jax.errors import DataError
+from fedrag_jax.finetune.batches import (
+    first_fit_decreasing,
+    packed_target_arrays,
+    target_arrays,
+)
+from fedrag_jax.finetune.steps import TrainState, compile_step, place_state, ralt_step
+from fedrag_jax.models.llama import CausalLM, segment_positions
+from fedrag_jax.models.lora import apply_lora
+from fedrag_jax.sharding import MeshConfig, make_mesh, shard_batch
+from tests.helpers import tiny_hf_causal_lm
+
+BUCKETS = (16, 32, 48, 64, 96, 128)
+
+
+def random_instances(rng, n: int, vocab: int = 96, prompt=(6, 30), target=(2, 6)):
+    """Random prompt and target ids (never 0, the pad id) of random lengths."""
+    prompts = [rng.integers(3, vocab, int(rng.integers(*prompt))).tolist() for _ in range(n)]
+    targets = [rng.integers(3, vocab, int(rng.integers(*target))).tolist() for _ in range(n)]
+    return prompts, targets
+
+
+def spans(batch):
+    """(row, start, end) of every segment of a packed batch, in row-major order."""
+    out = []
+    for row, seg in enumerate(batch["segment_ids"]):
+        for s in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == s)
+            out.append((row, int(where[0]), int(where[-1]) + 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    return tiny_hf_causal_lm(tmp_path_factory.mktemp("llama"), "llama")[0]
+
+
+@pytest.fixture(scope="module")
+def llama(llama_path):
+    return CausalLM.from_pretrained(llama_path)
+
+
+# --- the model ---------------------------------------------------------------------------------
+def test_segment_positions_restart_at_each_segment():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(segment_positions(seg),
+                                  [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # mistral: sliding window
+def test_packed_logits_equal_unpacked_at_every_real_token(tmp_path, family):
+    path, _ = tiny_hf_causal_lm(tmp_path, family)
+    model = CausalLM.from_pretrained(path)
+    prompts, targets = random_instances(np.random.default_rng(1), 6)
+    packed = packed_target_arrays(prompts, targets, 2, BUCKETS, 0)
+    padded = target_arrays(prompts, targets, BUCKETS, 0)
+    ours = np.asarray(model(jnp.asarray(packed["input_ids"]),
+                            segment_ids=jnp.asarray(packed["segment_ids"])))
+    alone = np.asarray(model(jnp.asarray(padded["input_ids"]),
+                             jnp.asarray(padded["attention_mask"])))
+    length = padded["input_ids"].shape[1]
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        row = packed["instance_row"][i]
+        end = packed["target_index"][i, len(t) - 1] + 2  # one past the last target token
+        n = len(p) + len(t)
+        np.testing.assert_allclose(ours[row, end - n:end], alone[i, length - n:], atol=1e-5)
+    assert np.abs(alone).max() > 0.1  # not a comparison of near-zeros
+
+
+def test_no_attention_across_segments(llama):
+    prompts, targets = random_instances(np.random.default_rng(2), 3)
+    packed = packed_target_arrays(prompts, targets, 1, BUCKETS, 0)
+    (row, a0, a1), (_, b0, b1), (_, c0, c1) = spans(packed)
+    ids, seg = packed["input_ids"], jnp.asarray(packed["segment_ids"])
+    changed = ids.copy()
+    changed[row, b0:b1] = np.random.default_rng(3).integers(3, 96, b1 - b0)  # segment 2 only
+    changed[row, c1:] = 7  # and the padding after the last segment
+    before = np.asarray(llama(jnp.asarray(ids), segment_ids=seg))
+    after = np.asarray(llama(jnp.asarray(changed), segment_ids=seg))
+    np.testing.assert_array_equal(after[row, a0:a1], before[row, a0:a1])  # before it
+    np.testing.assert_array_equal(after[row, c0:c1], before[row, c0:c1])  # after it
+    assert np.abs(after[row, b0:b1] - before[row, b0:b1]).max() > 1e-3  # it did change
+
+
+def test_segment_ids_exclude_attention_mask_and_cache(llama):
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids"):
+        llama(ids, jnp.ones((1, 4), bool), segment_ids=jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids"):
+        llama(ids, cache=llama.init_cache(1, 8), segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
+# --- the packed batch ---------------------------------------------------------------------------
+def test_packed_batch_layout():
+    prompts, targets = random_instances(np.random.default_rng(4), 8)
+    b = packed_target_arrays(prompts, targets, 4, BUCKETS, 0, target_length=7, groups=2)
+    rows, length = b["input_ids"].shape
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
+    assert rows == 4 and length in BUCKETS and b["target_ids"].shape == (8, 7)
+    # the smallest bucket at which first-fit decreasing fits each micro-batch into its 2 rows
+    smaller = [x for x in BUCKETS if x < length]
+    if smaller:
+        assert any(first_fit_decreasing(lengths[g * 4:(g + 1) * 4], 2, smaller[-1]) is None
+                   for g in range(2))
+    seen = set()
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        row = int(b["instance_row"][i])
+        assert row // 2 == i // 4  # micro-batch g's instances sit in micro-batch g's rows
+        m = b["target_mask"][i]
+        idx = b["target_index"][i][m]
+        assert b["target_ids"][i][m].tolist() == t  # labels: exactly response + EOS
+        assert m.sum() == len(t)
+        end = int(idx[-1]) + 2
+        start = end - len(p) - len(t)
+        assert b["input_ids"][row, start:end].tolist() == p + t  # contiguous, in order
+        seg = b["segment_ids"][row, start:end]
+        assert (seg == seg[0]).all() and seg[0] > 0  # one segment, all of it
+        assert (row, int(seg[0])) not in seen
+        seen.add((row, int(seg[0])))
+        assert b["input_ids"][row, idx + 1].tolist() == t  # position t predicts token t + 1
+    for row in range(rows):  # segments 1..m from the row's start, then padding (0) only
+        seg = b["segment_ids"][row]
+        used = int((seg > 0).sum())
+        assert (seg[used:] == 0).all() and (b["input_ids"][row, used:] == 0).all()
+        assert (np.diff(seg[:used]) >= 0).all() and (np.diff(seg[:used]) <= 1).all()
+    assert len(seen) == 8 and int((b["segment_ids"] > 0).sum()) == sum(lengths)
+
+
+def test_first_fit_decreasing():
+    assert first_fit_decreasing([5, 7, 3, 4], 2, 10) == [1, 0, 0, 1]  # 7+3 | 5+4
+    assert first_fit_decreasing([6, 6, 6], 2, 10) is None
+    with pytest.raises(DataError, match="micro-batches"):
+        packed_target_arrays([[3]] * 3, [[4]] * 3, 2, BUCKETS, 0, groups=2)
+
+
+# --- the packed step ---------------------------------------------------------------------------
+def batches_of(prompts, targets, rows, groups, rng):
+    """The same instances, left-padded and packed, with random instance weights."""
+    weights = rng.uniform(0.2, 2.0, len(prompts)).astype(np.float32)
+    padded = target_arrays(prompts, targets, BUCKETS, 0, 7)
+    packed = packed_target_arrays(prompts, targets, rows, BUCKETS, 0, 7, groups)
+    return {**padded, "weights": weights}, {**packed, "weights": weights}
+
+
+def sgd_grads(model, trainable, batch, micro_batches):
+    """Loss and gradients of one ralt_step: SGD with rate 1 moves the params by -grad."""
+    state = TrainState.create(model, optax.sgd(1.0), trainable)
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = jax.jit(ralt_step, static_argnames="micro_batches")(
+        state, batch, micro_batches=micro_batches)
+    after = jax.tree.map(np.asarray, state.params)
+    return float(metrics["loss"]), jax.tree.map(np.subtract, before, after)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_packed_step_has_the_same_loss_and_gradients(llama, lora, micro_batches):
+    rng = np.random.default_rng(5)
+    model = nnx.clone(llama)
+    if lora:  # random B as well, so that every adapter has a gradient
+        model = apply_lora(model, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj",
+                                                                     "down_proj"))
+        for path, var in nnx.iter_graph(model):
+            if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_b":
+                var.set_value(jnp.asarray(rng.normal(0, 0.1, var.shape), jnp.float32))
+    trainable = nnx.LoRAParam if lora else nnx.Param
+    prompts, targets = random_instances(rng, 8)
+    padded, packed = batches_of(prompts, targets, 4, micro_batches, rng)
+    assert packed["input_ids"].size < padded["input_ids"].size
+    loss_p, grads_p = sgd_grads(nnx.clone(model), trainable, packed, micro_batches)
+    loss_u, grads_u = sgd_grads(nnx.clone(model), trainable, padded, micro_batches)
+    np.testing.assert_allclose(loss_p, loss_u, rtol=1e-5, atol=1e-5)
+    leaves_p, leaves_u = jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)
+    assert len(leaves_p) == len(leaves_u) > 0
+    for a, b in zip(leaves_p, leaves_u, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert max(np.abs(g).max() for g in leaves_u) > 1e-3  # gradients are not all ~0
+
+
+def test_packed_step_sharded_equals_single_device_and_compiles_once_per_shape(llama_path):
+    rng = np.random.default_rng(6)
+    lengths = dict(prompt=(20, 21), target=(4, 5))  # every step packs to one shape ...
+    steps = [batches_of(*random_instances(rng, 16, **lengths), 8, 2, rng)[1]
+             for _ in range(3)]
+    steps.append(batches_of(*random_instances(rng, 16, prompt=(40, 41), target=(4, 5)),
+                            8, 2, rng)[1])  # ... and one to a longer bucket
+    assert len({b["input_ids"].shape for b in steps}) == 2
+    results = {}
+    for name, mesh in (("one", make_mesh(None, jax.devices()[:1])),
+                       ("eight", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))):
+        traces = []
+
+        def counted_step(state, batch, traces=traces, **hyper):
+            traces.append(1)  # runs once per trace, i.e. per compilation
+            return ralt_step(state, batch, **hyper)
+
+        model = apply_lora(CausalLM.from_pretrained(llama_path, mesh=mesh), rank=4, alpha=8.0)
+        state = place_state(TrainState.create(model, optax.adam(1e-2), nnx.LoRAParam), mesh)
+        step = compile_step(counted_step, state, steps[0], mesh, micro_batches=2)
+        losses = []
+        for b in steps:
+            state, metrics = step(state, shard_batch(b, mesh))
+            losses.append(float(metrics["loss"]))
+        assert len(traces) == 2  # one compilation per packed shape
+        results[name] = (state, losses)
+    (one, l1), (eight, l8) = results["one"], results["eight"]
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -10,8 +10,10 @@ capped at 256 generator tokens so that no prompt is cut below max_length=384).
    jitted ``lsr_step``; reference: ``DataCollatorForLSR`` + ``LSRSentenceTransformerTrainer``
    step (inside ``HuggingFaceTrainerForLSR``).
 2. RALT real (unpadded) tokens/s: 2 queries x k passages = 2k sequences per step, LoRA rank 8
-   (q/k/v/o) and full fine-tuning. Ours: ``build_ralt_dataset`` + jitted ``ralt_step``;
-   reference: ``DataCollatorForRALT`` + HF ``Trainer`` step (``HuggingFaceTrainerForRALT``).
+   (q/k/v/o) and full fine-tuning. Ours: ``build_ralt_dataset`` + jitted ``ralt_step``, each
+   sequence left-padded to the step's length bucket, and (", packed" rows) the same
+   instances packed a few to a row (``ralt.pack``); reference: ``DataCollatorForRALT`` + HF
+   ``Trainer`` step (``HuggingFaceTrainerForRALT``).
 3. The reference runs in its own venv (bench_results/.venv-fedrag, created on first use) as a
    generated subprocess script (bench_results/ref_finetune_script.py).
 4. MFU of the RALT step for a ~1B Llama config in bf16 (random weights): on a GPU, or on CPU
@@ -20,12 +22,15 @@ capped at 256 generator tokens so that no prompt is cut below max_length=384).
 GFLOP/s counts the model FLOPs each implementation needs on the *real* tokens it processes
 (matmuls 2 x params x tokens per forward, attention 4 x layers x width x T^2 per sequence,
 LM head only where logits are computed; training = 3 x forward, LoRA = 2 x forward for the
-frozen matmuls); the profile also gives the FLOPs executed including padding. Steady state:
+frozen matmuls); the profile also gives the FLOPs executed including padding (a packed row
+of length L executes attention over all L^2 pairs; its real FLOPs count each sequence's own
+length, as for the padded rows). Steady state:
 every shape is compiled in a warm-up pass before the timed pass. Timings on a shared 2-core
 CPU are noisy.
 
     .venv/bin/python scripts/bench_finetune.py                  # full run, ~15-25 min
     .venv/bin/python scripts/bench_finetune.py --quick --skip-reference
+    .venv/bin/python scripts/bench_finetune.py --skip-reference --only ralt --no-tuned
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ GOALS = {"lsr": (1.5, 0.5), "ralt": (1.3, 0.5)}  # (speed-up vs reference, fract
 # sequence has 330 tokens runs at 512. The "buckets/64" rows rerun with these instead.
 FINE_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024, 2048, 4096)
 TUNED = ", buckets/64"
+PACKED = ", packed"
 
 
 # ============================================================================ FLOP arithmetic
@@ -518,7 +524,10 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
 
 # ============================================================================ ours: RALT
 def build_ralt_batches(stack: Stack, records: list[dict], k: int, ralt_batch: int,
-                       max_length: int, buckets=None) -> list[dict]:
+                       max_length: int, buckets=None, pack_rows: int | None = None,
+                       micro_batches: int = 1) -> list[dict]:
+    """One batch per step; with ``pack_rows``, the same instances packed into that many rows
+    (each micro-batch's instances in its own rows, as ``ralt.pack`` does)."""
     from fedrag_jax.finetune.batches import build_ralt_dataset
 
     kwargs = {} if buckets is None else {"buckets": buckets}
@@ -526,7 +535,17 @@ def build_ralt_batches(stack: Stack, records: list[dict], k: int, ralt_batch: in
                               batch_size=ralt_batch, template=stack.template,
                               max_length=max_length, progress=False, **kwargs)
     data.shuffle = False  # batch i = records [i*b, (i+1)*b), as the reference sees them
+    if pack_rows:
+        data.pack(pack_rows, micro_batches)
     return [data.batch_at(0, i) for i in range(len(data))]
+
+
+def sequence_lengths(batch: dict) -> np.ndarray:
+    """Real tokens of each (query, passage) sequence, padded or packed."""
+    if "segment_ids" in batch:
+        seg = np.asarray(batch["segment_ids"])
+        return np.concatenate([np.bincount(row, minlength=row.max() + 1)[1:] for row in seg])
+    return np.asarray(batch["attention_mask"]).sum(1)
 
 
 def bench_ralt_ours(stack: Stack, batches: list[dict], lora_rank: int, n_timed: int,
@@ -575,10 +594,9 @@ def bench_ralt_ours(stack: Stack, batches: list[dict], lora_rank: int, n_timed: 
         state, m = step(state, b)
         jax.block_until_ready(m)
         dt = time.perf_counter() - t0
-        mask = np.asarray(b["attention_mask"])
-        lengths = mask.sum(1)
+        lengths = sequence_lengths(b)
         n_targets = int(np.asarray(b["target_mask"]).sum())
-        rows, padded_len = mask.shape
+        rows, padded_len = b["input_ids"].shape
         log(f"   step {b['input_ids'].shape}: {dt:.2f}s  {int(lengths.sum())} real tokens "
             f"-> {lengths.sum() / dt:.0f} tok/s")
         return {
@@ -593,12 +611,14 @@ def bench_ralt_ours(stack: Stack, batches: list[dict], lora_rank: int, n_timed: 
     steps, peak = peak_window(timed_pass)
     total = sum(s["seconds"] for s in steps)
     real = sum(s["real_tokens"] for s in steps)
+    padded = sum(s["shape"][0] * s["shape"][1] for s in steps)
     return {
         "task": f"RALT {name}", "implementation": "fedrag-jax" + label,
-        "batch": f"{steps[0]['shape'][0]} seq", "peak_gflops": peak,
+        "batch": f"{steps[0]['shape'][0]} " + ("rows" if "segment_ids" in batches[0] else "seq"),
+        "peak_gflops": peak,
         "real_tokens_per_s": real / total, "seconds_per_step": total / len(steps),
         "real_tokens_per_step": real / len(steps),
-        "padded_tokens_per_step": sum(s["shape"][0] * s["shape"][1] for s in steps) / len(steps),
+        "padded_tokens_per_step": padded / len(steps), "padding_efficiency": real / padded,
         "gflops_per_s": sum(s["flops_real"] for s in steps) / total / 1e9,
         "gflops_per_s_executed": sum(s["flops_executed"] for s in steps) / total / 1e9,
         "compiles_in_warmup": warm_compiles, "compiles_in_timed_pass": counter.count - c0,
@@ -1027,7 +1047,8 @@ def reference_generator_folder() -> Path:
 
 def run_reference(stack: Stack, venv: Path, lsr_records: list[dict], ralt_records: list[dict],
                   batch: int, k: int, ralt_batch: int, lora_rank: int,
-                  timeout_s: int, skip_full: bool = False) -> dict[str, Any]:
+                  timeout_s: int, skip_full: bool = False,
+                  only: str | None = None) -> dict[str, Any]:
     from fedrag_jax import assets
     from fedrag_jax.config import LSRConfig, RALTConfig
 
@@ -1047,7 +1068,8 @@ def run_reference(stack: Stack, venv: Path, lsr_records: list[dict], ralt_record
         "example_template": templates["example"], "ralt_batch": ralt_batch,
         "ralt_records": ralt_records, "ralt_lr": RALTConfig().learning_rate,
         "lora_rank": lora_rank, "lora_alpha": 2 * lora_rank, "lora_targets": list(LORA_TARGETS),
-        "parts": ["lsr", "ralt_lora"] + ([] if skip_full else ["ralt_full"]),
+        "parts": [part for part in ["lsr", "ralt_lora"] + ([] if skip_full else ["ralt_full"])
+                  if only is None or part.startswith(only)],
     }
     inp_path, out_path = RESULTS / "ref_finetune_input.json", RESULTS / "ref_finetune_output.json"
     script = RESULTS / "ref_finetune_script.py"
@@ -1168,22 +1190,34 @@ def attach_ratios(rows: list[dict[str, Any]], peak: float, have_reference: bool)
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (f"{'task':<24}{'implementation':<26}{'batch':>8}{'ex/s | real tok/s':>19}"
-            f"{'GFLOP/s':>10}{'% peak':>8}{'vs ref':>9}")
+            f"{'GFLOP/s':>10}{'% peak':>8}{'exec GF/s':>10}{'% exec':>8}{'pad eff':>8}"
+            f"{'peak b/a':>10}{'vs ref':>9}")
     log("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         speed = r.get("examples_per_s") if r["task"] == "LSR" else r.get("real_tokens_per_s")
         unit = " ex/s" if r["task"] == "LSR" else " tok/s"
         ratio = r.get("ratio_vs_reference")
         mark = "*" if r.get("ratio_basis", "").startswith("quoted") else ""
+        executed = r.get("gflops_per_s_executed")
+        window = r.get("peak_gflops") if isinstance(r.get("peak_gflops"), dict) else {}
+        padding = r.get("padding_efficiency")
+        if padding is None and r.get("padded_tokens_per_step"):
+            padding = r["real_tokens_per_step"] / r["padded_tokens_per_step"]
+        peaks = f"{window['before']:.0f}/{window['after']:.0f}" if window else "-"
         log(f"{r['task']:<24}{r['implementation']:<26}{str(r['batch']):>8}"
             f"{fmt(speed, '.3g') + unit:>19}{fmt(r.get('gflops_per_s'), '.1f'):>10}"
             f"{fmt(r.get('pct_of_peak') and 100 * r['pct_of_peak'], '.1f'):>8}"
+            f"{fmt(executed, '.1f'):>10}"
+            f"{fmt(executed and 100 * executed / r['peak_used_gflops'], '.1f'):>8}"
+            f"{fmt(padding and 100 * padding, '.0f'):>8}"
+            f"{peaks:>10}"
             f"{(fmt(ratio, '.2f') + 'x' + mark) if ratio is not None else '-':>9}")
     if any(r.get("ratio_basis", "").startswith("quoted") for r in rows):
         log("* ratio against the quoted reference figure (0.45 ex/s LSR, 82 real tok/s RALT)")
     log("GFLOP/s: model FLOPs on real tokens; % peak: against the fp32 matmul peak measured "
-        "just before and after each timed pass (jnp for ours, torch for the reference), "
-        "because the CPU is shared")
+        "just before and after each timed pass (peak b/a, GFLOP/s; jnp for ours, torch for the "
+        "reference; their mean is used), because the CPU is shared; exec GF/s, % exec: the "
+        "FLOPs executed, padding included; pad eff: real / padded tokens (%)")
     log("   peaks used: " + ", ".join(
         f"{r['task']} / {r['implementation']}: {r['peak_used_gflops']:.0f}" for r in rows))
 
@@ -1225,13 +1259,17 @@ def print_profile(rows: list[dict[str, Any]], peak: float) -> list[str]:
                 not r["task"].startswith("RALT") or "(" in r["task"]:
             continue
         pad = r["padded_tokens_per_step"] / r["real_tokens_per_step"]
+        window = r["peak_gflops"]
         log(f"{r['task']} profile ({r['implementation']}, {r['micro_batches']} micro-batch(es), "
             f"peak RSS so far {r['peak_rss_gb_so_far']:.1f} GB): "
-            f"{r['seconds_per_step']:.2f}s/step, real "
-            f"{r['real_tokens_per_step']:.0f} of {r['padded_tokens_per_step']:.0f} padded tokens "
-            f"(x{pad:.2f}); {r['gflops_per_s']:.0f} GFLOP/s useful, "
-            f"{r['gflops_per_s_executed']:.0f} GFLOP/s executed; compiles in timed pass: "
-            f"{r['compiles_in_timed_pass']}")
+            f"{r['seconds_per_step']:.2f}s/step, shapes {[s['shape'] for s in r['steps']]}, "
+            f"real {r['real_tokens_per_step']:.0f} of {r['padded_tokens_per_step']:.0f} padded "
+            f"tokens (x{pad:.2f}); {r['gflops_per_s']:.0f} GFLOP/s useful = "
+            f"{r['gflops_per_s'] / window['mean']:.0%} of peak, "
+            f"{r['gflops_per_s_executed']:.0f} GFLOP/s executed = "
+            f"{r['gflops_per_s_executed'] / window['mean']:.0%} (peak before "
+            f"{window['before']:.0f}, after {window['after']:.0f} GFLOP/s); compiles in timed "
+            f"pass: {r['compiles_in_timed_pass']}")
     for r in rows:
         if not r["implementation"].startswith("FedRAG"):
             continue
@@ -1282,6 +1320,12 @@ def main() -> int:
     p.add_argument("--ralt-micro-batches", type=int, default=2,
                    help="gradient-accumulation slices of our RALT step: one slice of 8 x 512 "
                         "tokens needs ~15 GB of host memory, more than this shared machine has")
+    p.add_argument("--only", choices=("lsr", "ralt"), default=None,
+                   help="run only our LSR or only our RALT rows (and that part of the reference)")
+    p.add_argument("--pack-rows", type=int, default=None,
+                   help="rows of the packed RALT step (default: about two sequences a row, "
+                        "rounded up to a multiple of --ralt-micro-batches, as ralt.pack_rows)")
+    p.add_argument("--no-pack", action="store_true", help="skip the packed RALT rows")
     p.add_argument("--no-tuned", action="store_true",
                    help=f"skip the rows rerun with finer length buckets {FINE_BUCKETS[:8]}")
     p.add_argument("--mfu-cpu-tiny", action="store_true",
@@ -1328,7 +1372,8 @@ def main() -> int:
         try:
             reference = run_reference(stack, args.reference_venv, lsr_records, ralt_records,
                                       args.batch, args.k, args.ralt_batch, args.lora_rank,
-                                      args.reference_timeout, args.skip_ralt_full)
+                                      args.reference_timeout, args.skip_ralt_full,
+                                      args.only)
             rows.extend(reference_rows(reference, stack, args.batch, args.k, args.lora_rank))
             for part, err in reference.get("errors", {}).items():
                 log(f"[reference] {part} failed:\n{err}")
@@ -1336,7 +1381,8 @@ def main() -> int:
             reference = {"errors": {"runner": repr(e)}}
             log(f"[reference] could not run: {e!r}")
 
-    for label, buckets in [("", None)] + ([] if args.no_tuned else [(TUNED, FINE_BUCKETS)]):
+    tuned = [] if args.no_tuned else [(TUNED, FINE_BUCKETS)]
+    for label, buckets in ([("", None)] + tuned) if args.only != "ralt" else []:
         default = stack.generator.length_buckets
         stack.generator.length_buckets = buckets or default
         try:
@@ -1357,9 +1403,15 @@ def main() -> int:
             f"around it ({lsr['peak_gflops']['mean']:.0f} GFLOP/s)")
         rows.append(lsr)
 
-    for label, buckets in [("", None)] + ([] if args.no_tuned else [(TUNED, FINE_BUCKETS)]):
+    m = args.ralt_micro_batches
+    pack_rows = args.pack_rows or -(-(args.ralt_batch * args.k) // 2 // m) * m
+    packed = [] if args.no_pack else [(PACKED, None, pack_rows)]
+    for label, buckets, n_rows in ([("", None, None)] + [(lb, b, None) for lb, b in tuned]
+                                   + packed) if args.only != "lsr" else []:
+        if n_rows:
+            label += f" {n_rows} rows"
         batches = build_ralt_batches(stack, ralt_records, args.k, args.ralt_batch, max_length,
-                                     buckets)
+                                     buckets, n_rows, m)
         for rank in (args.lora_rank,) + (() if args.skip_ralt_full else (0,)):
             rows.append(bench_ralt_ours(stack, batches, rank, n_ralt, counter, label,
                                         args.ralt_micro_batches))
@@ -1373,7 +1425,8 @@ def main() -> int:
         task = ["LSR", f"RALT LoRA r{args.lora_rank}", "RALT full"]
         impl = r["implementation"]
         return (task.index(r["task"]) if r["task"] in task else 3, r["task"],
-                2 if impl.startswith("FedRAG") else 1 if TUNED in impl else 0)
+                3 if impl.startswith("FedRAG") else 2 if PACKED in impl else
+                1 if TUNED in impl else 0)
 
     rows.sort(key=order)
     attach_ratios(rows, peak, reference is not None)
@@ -1390,6 +1443,7 @@ def main() -> int:
         "flax_version": flax.__version__, "peak_fp32_gflops": peak,
         "settings": {"batch": args.batch, "k": args.k, "ralt_batch": args.ralt_batch,
                      "ralt_micro_batches": args.ralt_micro_batches,
+                     "ralt_pack_rows": None if args.no_pack else pack_rows, "only": args.only,
                      "lora_rank": args.lora_rank, "max_length": max_length,
                      "passage_max_tokens": PASSAGE_MAX_TOKENS, "corpus": stack.n_passages,
                      "lsr_timed_batches": n_lsr, "ralt_timed_steps": n_ralt,

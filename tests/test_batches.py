@@ -65,6 +65,29 @@ def test_ralt_labels_are_exactly_response_and_eos(parts):
         assert tok.decode(prompt).split()[-1] == "w6"
 
 
+def test_packed_ralt_batches_hold_the_same_instances(parts):
+    """ralt.pack: the same instances, labels and weights as the left-padded batch, each
+    sequence contiguous in one row, and the last (padded) batch of an epoch packs too."""
+    retriever, store, generator, records = parts
+    kw = dict(top_k=3, batch_size=4, template=TEMPLATE, progress=False)
+    padded = build_ralt_dataset(records, retriever, store, generator, **kw)
+    packed = build_ralt_dataset(records, retriever, store, generator, **kw).pack(4, 2)
+    assert len(packed) == len(padded) == 2  # 6 records: the second batch is half padding
+    for index in range(2):
+        a, b = padded.batch_at(1, index), packed.batch_at(1, index)
+        assert b["input_ids"].shape[0] == 4 and b["segment_ids"].shape == b["input_ids"].shape
+        for key in ("target_ids", "target_mask", "weights"):
+            np.testing.assert_array_equal(a[key], b[key])
+        for i in range(12):
+            sequence = a["input_ids"][i][a["attention_mask"][i]]
+            row, m = b["instance_row"][i], b["target_mask"][i]
+            end = b["target_index"][i][m][-1] + 2
+            assert b["input_ids"][row, end - len(sequence):end].tolist() == sequence.tolist()
+            assert row // 2 == i // 6  # micro-batch g's instances in micro-batch g's rows
+    with pytest.raises(DataError, match="multiple of micro_batches"):
+        padded.pack(3, 2)
+
+
 def test_passage_is_truncated_never_the_response(parts):
     retriever, store, generator, records = parts
     builder = PromptBuilder(generator, TEMPLATE)

@@ -10,6 +10,7 @@ from flax import nnx
 from fedrag_jax.config import load_config
 from fedrag_jax.errors import ConfigError
 from fedrag_jax.finetune.manager import FinetuneManager
+from fedrag_jax.finetune.trainer import read_metrics
 from fedrag_jax.rag import RAGSystem
 from fedrag_jax.sharding import make_mesh
 from fedrag_jax.types import RAGConfig
@@ -61,6 +62,36 @@ def test_manager_both_modes_train_and_report(tmp_path):
                             mesh=make_mesh(None, jax.devices()[:1]))
     with pytest.raises(ConfigError, match=r"lsr\.learning_rate: 0\.001 -> 0\.0005"):
         other.train_retriever()
+
+
+def test_manager_packed_ralt_trains_as_unpacked(tmp_path):
+    """ralt.pack=true end to end: the trainer runs packed batches, and every step's loss is
+    the left-padded run's (same instances, micro-batches and updates)."""
+    losses = {}
+    for pack in (True, False):  # fresh parts each: training installs the new generator
+        retriever, store, generator, records = tiny_rag_parts(tmp_path / str(pack))
+        config = load_config(None, [
+            "mode=generator", f"output_dir={tmp_path / str(pack) / 'run'}", "progress=false",
+            "ralt.steps=4", "ralt.batch_size=2", "ralt.lora_rank=4", "ralt.max_length=128",
+            "ralt.micro_batches=2", "ralt.learning_rate=1e-2", f"ralt.pack={str(pack).lower()}",
+            "ralt.weighting=retrieval", "retrieval.top_k=2", "mesh.data=1",
+            "eval_generate=false"])
+        rag = RAGSystem(retriever, store, generator,
+                        RAGConfig(top_k=2, prompt_template="w4 {context} w5 {query} w6"),
+                        max_new_tokens=4)
+        manager = FinetuneManager(rag, records, records[:2], config,
+                                  mesh=make_mesh(None, jax.devices()[:1]))
+        batch = manager.ralt_train_data().batch_at(0, 0)
+        assert ("segment_ids" in batch) is pack
+        if pack:  # 2 queries x 2 passages: two rows, one per micro-batch
+            assert batch["input_ids"].shape[0] == manager.pack_rows(4) == 2
+        manager.train_generator()
+        train = [r for r in read_metrics(tmp_path / str(pack) / "run" / "ralt" / "metrics.jsonl")
+                 if r["split"] == "train"]
+        assert [r["step"] for r in train] == [1, 2, 3, 4]
+        losses[pack] = [r["loss"] for r in train]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5, atol=1e-5)
+    assert losses[True][-1] < losses[True][0]
 
 
 def test_manager_federated_is_one_setting(tmp_path):

@@ -417,12 +417,18 @@ class FinetuneManager:
     def install_generator(self, model: nnx.Module) -> None:
         self.rag.generator.model = merge_lora(model) if has_lora(model) else model
 
-    def train_generator(self) -> TrainState:
-        c, ralt = self.config, self.config.ralt
+    def ralt_train_data(self):
+        """The RALT training batches: packed when ``ralt.pack`` (centralized training)."""
+        ralt = self.config.ralt
         data = self.ralt_dataset(self.train_records)
         if ralt.pack:
             data.pack(self.pack_rows(data.batch_size * len(data.prompts[0])),
                       ralt.micro_batches)
+        return data
+
+    def train_generator(self) -> TrainState:
+        c, ralt = self.config, self.config.ralt
+        data = self.ralt_train_data()
         model, trainable, opt = self.ralt_model()
         state = place_state(TrainState.create(model, make_optimizer(opt), trainable,
                                               seed=c.seed), self.mesh)

@@ -19,6 +19,8 @@ from fedrag_jax.finetune.batches import (
     target_arrays,
 )
 from fedrag_jax.finetune.steps import TrainState, compile_step, place_state, ralt_step
+from fedrag_jax.models import llama as llama_module
+from fedrag_jax.models.layers import causal_blockwise_attention, masked_softmax_attention
 from fedrag_jax.models.llama import CausalLM, segment_positions
 from fedrag_jax.models.lora import apply_lora
 from fedrag_jax.sharding import MeshConfig, make_mesh, shard_batch
@@ -62,7 +64,8 @@ def test_segment_positions_restart_at_each_segment():
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # mistral: sliding window
-def test_packed_logits_equal_unpacked_at_every_real_token(tmp_path, family):
+def test_packed_logits_equal_unpacked_at_every_real_token(tmp_path, monkeypatch, family):
+    monkeypatch.setattr(llama_module, "PACKED_ATTENTION_BLOCK", 16)  # several blocks a row
     path, _ = tiny_hf_causal_lm(tmp_path, family)
     model = CausalLM.from_pretrained(path)
     prompts, targets = random_instances(np.random.default_rng(1), 6)
@@ -94,6 +97,21 @@ def test_no_attention_across_segments(llama):
     np.testing.assert_array_equal(after[row, a0:a1], before[row, a0:a1])  # before it
     np.testing.assert_array_equal(after[row, c0:c1], before[row, c0:c1])  # after it
     assert np.abs(after[row, b0:b1] - before[row, b0:b1]).max() > 1e-3  # it did change
+
+
+def test_blockwise_attention_equals_full_attention():
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.normal(size=(2, 23, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 23, 2, 8)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0], [1, 1, 2, 2]], [6, 9, 5, 3], axis=1))
+    slots = jnp.arange(23)
+    mask = (slots[None, :] <= slots[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
+    full = masked_softmax_attention(q, k, v, mask, 0.3)
+    real = np.asarray(seg) > 0  # rows with no key at all (padding) are don't-care
+    for block in (1, 5, 8, 23, 64):
+        np.testing.assert_allclose(np.asarray(causal_blockwise_attention(q, k, v, mask, 0.3,
+                                                                         block))[real],
+                                   np.asarray(full)[real], atol=1e-6)
 
 
 def test_segment_ids_exclude_attention_mask_and_cache(llama):

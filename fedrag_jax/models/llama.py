@@ -24,10 +24,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from ..errors import UnsupportedModelError
-from .layers import RMSNorm, embedding, linear, masked_softmax_attention
+from .layers import RMSNorm, causal_blockwise_attention, embedding, linear, masked_softmax_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+PACKED_ATTENTION_BLOCK = 128  # queries per block in packed rows (causal_blockwise_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +212,10 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **norm_kw)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
-        """kv = (cache_keys, cache_values, write_index) for the decoding path."""
+                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                 block: int | None = None):
+        """kv = (cache_keys, cache_values, write_index) for the decoding path; ``block``:
+        attend block by block (a causal mask over the row's own slots, no cache)."""
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -228,8 +231,12 @@ class Attention(nnx.Module):
             cache_k = write(cache_k, k.astype(cache_k.dtype), index, 1)
             cache_v = write(cache_v, v.astype(cache_v.dtype), index, 1)
             k, v, new_kv = cache_k, cache_v, (cache_k, cache_v)
-        out = masked_softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                       1.0 / math.sqrt(c.head_dim))
+        scale = 1.0 / math.sqrt(c.head_dim)
+        if block is None:
+            out = masked_softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
+        else:
+            out = causal_blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                             scale, block)
         return self.o_proj(out), new_kv
 
 
@@ -253,8 +260,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm_kw)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, h, positions, inv_freq, mask, kv=None):
-        a, new_kv = self.attn(self.input_norm(h), positions, inv_freq, mask, kv)
+    def __call__(self, h, positions, inv_freq, mask, kv=None, block=None):
+        a, new_kv = self.attn(self.input_norm(h), positions, inv_freq, mask, kv, block)
         h = h + a
         return h + self.mlp(self.post_attention_norm(h)), new_kv
 
@@ -375,7 +382,7 @@ class CausalLM(nnx.Module):
         inv_freq = rope_inverse_frequencies(c)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h, _ = layer(h, positions, inv_freq, mask)
+            h, _ = layer(h, positions, inv_freq, mask, block=PACKED_ATTENTION_BLOCK)
         return self.norm(h)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -100,6 +100,19 @@ def _target_logprobs(graphdef, state, ids, mask, target_index, target_ids, targe
     return jnp.where(target_mask, token_logp, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _packed_target_logprobs(graphdef, state, ids, segment_ids, instance_row, target_index,
+                            target_ids, target_mask):
+    """As :func:`_target_logprobs`, over packed rows: instance i's targets are predicted at
+    ``target_index[i]`` of row ``instance_row[i]``."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(ids, segment_ids=segment_ids)
+    picked = hidden[instance_row[:, None], target_index]  # [N, Tt, D]
+    logp = jax.nn.log_softmax(model.logits(picked), axis=-1)
+    token_logp = jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
+    return jnp.where(target_mask, token_logp, 0.0)
+
+
 class Generator:
     """A causal LM with its tokenizer: ``generate`` and ``score``."""
 
@@ -166,12 +179,20 @@ class Generator:
 
     # --- score -------------------------------------------------------------------------------
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],
-                  reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
-        """log p(target | prompt) per pair, summed (or averaged) over target tokens only."""
+                  reduction: Literal["sum", "mean"] = "sum", *,
+                  pack: bool = False) -> np.ndarray:
+        """log p(target | prompt) per pair, summed (or averaged) over target tokens only.
+
+        ``pack``: the pairs share rows (about two a row, block-diagonal attention, see
+        models/llama.py) instead of each being left-padded to the longest: the same numbers
+        up to float order, for less padding.
+        """
         if len(prompt_ids) != len(target_ids):
             raise DataError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
         if any(len(t) == 0 for t in target_ids):
             raise DataError("every target needs at least one token")
+        if pack and len(prompt_ids) > 1:
+            return self._score_packed(prompt_ids, target_ids, reduction)
         t_len = max(len(t) for t in target_ids)
         length = bucket_length(max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids,
                                                                     strict=True)),
@@ -191,6 +212,20 @@ class Generator:
                           np.float64)
         total = logp.sum(-1)
         return total / tmask.sum(-1) if reduction == "mean" else total
+
+    def _score_packed(self, prompt_ids: Sequence[Sequence[int]],
+                      target_ids: Sequence[Sequence[int]], reduction: str) -> np.ndarray:
+        from .finetune.batches import packed_target_arrays
+
+        rows = -(-len(prompt_ids) // 2)
+        batch = packed_target_arrays([list(p) for p in prompt_ids], [list(t) for t in target_ids],
+                                     rows, self.length_buckets, self.pad_id)
+        graphdef, state = nnx.split(self.model)
+        logp = np.asarray(_packed_target_logprobs(
+            graphdef, state, batch["input_ids"], batch["segment_ids"], batch["instance_row"],
+            batch["target_index"], batch["target_ids"], batch["target_mask"]), np.float64)
+        total = logp.sum(-1)
+        return total / batch["target_mask"].sum(-1) if reduction == "mean" else total
 
     def score(self, prompts: Sequence[str], targets: Sequence[str],
               reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:

@@ -270,10 +270,19 @@ class Probe:
         return {"lengths": lengths, "padded_rows": n_batches * bs,
                 "padded_len": padded // (n_batches * bs)}
 
-    def _score_info(self, prompt_ids, target_ids, *_, **__):
+    def _score_info(self, prompt_ids, target_ids, *_, pack: bool = False, **__):
         lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
+        rows, padded = len(lengths), self.bucket_length(max(lengths),
+                                                         self.generator.length_buckets)
+        if pack and len(lengths) > 1:  # the packed rows score_ids builds (same function)
+            from fedrag_jax.finetune.batches import packed_target_arrays
+
+            rows, padded = packed_target_arrays(
+                [list(p) for p in prompt_ids], [list(t) for t in target_ids],
+                -(-len(lengths) // 2), self.generator.length_buckets,
+                self.generator.pad_id)["input_ids"].shape
         return {"lengths": lengths, "targets": [len(t) for t in target_ids],
-                "padded_len": self.bucket_length(max(lengths), self.generator.length_buckets),
+                "padded_len": padded, "padded_rows": rows,
                 "t_len": max(len(t) for t in target_ids)}
 
     def seconds(self, name: str) -> float:
@@ -402,7 +411,8 @@ def make_records(stack: Stack, k: int, n_lsr: int, n_ralt: int, max_length: int,
 
 # ============================================================================ ours: LSR
 def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_timed: int,
-                   counter: CompileCounter, label: str = "") -> dict[str, Any]:
+                   counter: CompileCounter, label: str = "", pack: bool = True
+                   ) -> dict[str, Any]:
     import jax
     from flax import nnx
 
@@ -436,7 +446,7 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
         data = build_lsr_dataset(recs, stack.retriever, stack.store, stack.generator,
                                  top_k=k, batch_size=batch, template=stack.template,
                                  max_length=c.max_length, score_batch_size=c.score_batch_size,
-                                 reduction=c.lm_reduction, progress=False)
+                                 reduction=c.lm_reduction, pack=pack, progress=False)
         arrays = data.batch_at(0, 0)
         t1 = time.perf_counter()
         if step is None:
@@ -454,7 +464,7 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
                 + stack.enc.train(q_real))
         executed = (sum(stack.enc.forward([e["padded_len"]] * e["padded_rows"]) for e in enc)
                     + 2.0 * len(recs) * n_store * dim
-                    + sum(stack.dec.forward([e["padded_len"]] * len(e["lengths"]),
+                    + sum(stack.dec.forward([e["padded_len"]] * e["padded_rows"],
                                             e["t_len"] * len(e["lengths"])) for e in score)
                     + stack.enc.train([q_pad] * len(q_real)))
         compile_s = counter.seconds - s0
@@ -463,9 +473,9 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
             "compile_s": compile_s, "build_s": t1 - t0, "step_s": t2 - t1,
             "encode_query_s": probe.seconds("encode_query"), "search_s": probe.seconds("search"),
             "score_s": probe.seconds("score_ids"),
-            "score_shapes": [[len(e["lengths"]), e["padded_len"]] for e in score],
+            "score_shapes": [[e["padded_rows"], e["padded_len"]] for e in score],
             "score_real_tokens": sum(sum(e["lengths"]) for e in score),
-            "score_padded_tokens": sum(len(e["lengths"]) * e["padded_len"] for e in score),
+            "score_padded_tokens": sum(e["padded_rows"] * e["padded_len"] for e in score),
             "score_flops_real": sum(stack.dec.forward(e["lengths"], sum(e["targets"]))
                                     for e in score),
             "query_tokens_real": sum(q_real), "query_tokens_padded": q_pad * len(q_real),
@@ -1325,7 +1335,8 @@ def main() -> int:
     p.add_argument("--pack-rows", type=int, default=None,
                    help="rows of the packed RALT step (default: about two sequences a row, "
                         "rounded up to a multiple of --ralt-micro-batches, as ralt.pack_rows)")
-    p.add_argument("--no-pack", action="store_true", help="skip the packed RALT rows")
+    p.add_argument("--no-pack", action="store_true",
+                   help="skip the packed RALT rows and the unpacked-scoring LSR row")
     p.add_argument("--no-tuned", action="store_true",
                    help=f"skip the rows rerun with finer length buckets {FINE_BUCKETS[:8]}")
     p.add_argument("--mfu-cpu-tiny", action="store_true",
@@ -1382,11 +1393,15 @@ def main() -> int:
             log(f"[reference] could not run: {e!r}")
 
     tuned = [] if args.no_tuned else [(TUNED, FINE_BUCKETS)]
-    for label, buckets in ([("", None)] + tuned) if args.only != "ralt" else []:
+    # LM scoring two pairs to a packed row (the default, LSRConfig.pack) and left-padded
+    unpacked = [] if args.no_pack else [(" unpacked scoring", None, False)]
+    for label, buckets, pack in ([("", None, True)] + [(lb, b, True) for lb, b in tuned]
+                                 + unpacked) if args.only != "ralt" else []:
         default = stack.generator.length_buckets
         stack.generator.length_buckets = buckets or default
         try:
-            lsr = bench_lsr_ours(stack, lsr_records, args.batch, args.k, n_lsr, counter, label)
+            lsr = bench_lsr_ours(stack, lsr_records, args.batch, args.k, n_lsr, counter, label,
+                                 pack=pack)
         finally:
             stack.generator.length_buckets = default
             release_memory()

@@ -247,7 +247,7 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
                       score_batch_size: int = 32,
                       reduction: str = "sum", seed: int = 0, progress: bool = True,
                       query_length_buckets: Sequence[int] = (16, 32, 64, 128),
-                      passage_tokens: bool = False,
+                      passage_tokens: bool = False, pack: bool = False,
                       lm_scores: dict[tuple[str, str, str], float] | None = None) -> LSRDataset:
     """Retrieve top-k for every query, then score every (query, passage) pair with the LM.
 
@@ -257,6 +257,7 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
     ``lm_scores``: log p_LM by (query, response, passage id), read and filled in: the
     generator is frozen during LSR, so a re-retrieval after an index refresh only scores
     the pairs it has not seen (same template, lengths and reduction assumed).
+    ``pack``: LM-score the pairs two to a packed row (``Generator.score_ids(pack=True)``).
     """
     records = load_records(records)
     queries = [r["query"] for r in records]
@@ -289,7 +290,8 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
     for start in range(0, len(order), score_batch_size):
         chunk = order[start:start + score_batch_size]
         logprobs[chunk] = generator.score_ids([pair_prompts[i] for i in chunk],
-                                              [pair_targets[i] for i in chunk], reduction)
+                                              [pair_targets[i] for i in chunk], reduction,
+                                              pack=pack)
         bar.update(len(chunk))
     bar.close()
     if lm_scores is not None:

@@ -273,7 +273,8 @@ class FinetuneManager:
             template=rag.config.prompt_template,
             max_length=lsr.max_length, max_passage_tokens=rag.max_context_tokens,
             score_batch_size=lsr.score_batch_size, reduction=lsr.lm_reduction, seed=c.seed,
-            progress=c.progress, passage_tokens=lsr.train_context, lm_scores=lm_scores)
+            progress=c.progress, passage_tokens=lsr.train_context, pack=lsr.pack,
+            lm_scores=lm_scores)
 
     def lsr_model(self) -> tuple[Towers, Any, OptimizerConfig]:
         return lsr_model(self.config, self.rag.retriever)

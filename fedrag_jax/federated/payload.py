@@ -232,6 +232,18 @@ def _npy_view(array: Any, expected: tuple[tuple[int, ...], np.dtype, bytes] | No
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def _views(record: Any, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{key: read-only view}`` of every Array of ``record`` (``spec``: expected headers)."""
+    flat: dict[str, np.ndarray] = {}
+    for key in record.keys():
+        try:
+            flat[key] = _npy_view(record[key], spec.get(key))
+        except Exception as e:  # damaged npy bytes, or a non-numpy stype
+            raise PayloadError(f"payload key {key!r} cannot be read as an array ({e!r:.200})") \
+                from None
+    return flat
+
+
 def read_arrayrecord(record: Any, template: Any, *,
                      spec: Mapping[str, tuple[tuple[int, ...], np.dtype, bytes]] | None = None
                      ) -> dict[str, np.ndarray]:
@@ -244,13 +256,7 @@ def read_arrayrecord(record: Any, template: Any, *,
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
     spec = spec if spec is not None else payload_spec(template)
-    flat: dict[str, np.ndarray] = {}
-    for key in record.keys():
-        try:
-            flat[key] = _npy_view(record[key], spec.get(key))
-        except Exception as e:  # damaged npy bytes, or a non-numpy stype
-            raise PayloadError(f"payload key {key!r} cannot be read as an array ({e!r:.200})") \
-                from None
+    flat = _views(record, spec)
     _check_flat(flat, {key: (shape, dtype) for key, (shape, dtype, _) in spec.items()})
     return flat
 
@@ -263,14 +269,7 @@ def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
     if cast:  # a server-computed record (float64 from Flower's adaptive strategies)
-        flat = {}
-        for key in record.keys():
-            try:
-                flat[key] = _npy_view(record[key])
-            except Exception as e:
-                raise PayloadError(f"payload key {key!r} cannot be read as an array "
-                                   f"({e!r:.200})") from None
-        return unflatten_params(flat, template, cast=True)
+        return unflatten_params(_views(record, {}), template, cast=True)
     flat = read_arrayrecord(record, template)
     names, treedef = _flatten(template)
     # one copy out of the message's bytes, at the model's dtype (wire float32 -> bfloat16)

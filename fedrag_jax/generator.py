@@ -183,9 +183,9 @@ class Generator:
                   pack: bool = False) -> np.ndarray:
         """log p(target | prompt) per pair, summed (or averaged) over target tokens only.
 
-        ``pack``: the pairs share rows (about two a row, block-diagonal attention, see
-        models/llama.py) instead of each being left-padded to the longest: the same numbers
-        up to float order, for less padding.
+        ``pack``: the pairs share rows (block-diagonal attention, see models/llama.py), each
+        row holding the prompts' common prefix once, instead of each pair being left-padded
+        to the longest: the same numbers up to float order, for less padding and less work.
         """
         if len(prompt_ids) != len(target_ids):
             raise DataError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
@@ -215,17 +215,50 @@ class Generator:
 
     def _score_packed(self, prompt_ids: Sequence[Sequence[int]],
                       target_ids: Sequence[Sequence[int]], reduction: str) -> np.ndarray:
-        from .finetune.batches import packed_target_arrays
-
-        rows = -(-len(prompt_ids) // 2)
-        batch = packed_target_arrays([list(p) for p in prompt_ids], [list(t) for t in target_ids],
-                                     rows, self.length_buckets, self.pad_id)
+        batch = self.pack_pairs(prompt_ids, target_ids)
         graphdef, state = nnx.split(self.model)
         logp = np.asarray(_packed_target_logprobs(
             graphdef, state, batch["input_ids"], batch["segment_ids"], batch["instance_row"],
             batch["target_index"], batch["target_ids"], batch["target_mask"]), np.float64)
         total = logp.sum(-1)
         return total / batch["target_mask"].sum(-1) if reduction == "mean" else total
+
+    def pack_pairs(self, prompt_ids: Sequence[Sequence[int]],
+                   target_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray | int]:
+        """The packed rows ``score_ids(pack=True)`` runs (see ``packed_target_arrays``), with
+        ``prefix_length``: the prompts' common start (a RAG template's instructions before the
+        passage), stored once at the start of each row instead of once per pair."""
+        from .finetune.batches import common_prefix_length, packed_target_arrays
+
+        prompts, targets = [list(p) for p in prompt_ids], [list(t) for t in target_ids]
+        prefix = common_prefix_length(prompts)
+        lengths = [len(p) - prefix + len(t) for p, t in zip(prompts, targets, strict=True)]
+        rows = self._packed_rows(lengths, prefix)
+        batch = packed_target_arrays(prompts, targets, rows, self.length_buckets, self.pad_id,
+                                     prefix_length=prefix)
+        return {**batch, "prefix_length": prefix}
+
+    def _packed_rows(self, lengths: Sequence[int], prefix: int) -> int:
+        """The number of packed rows that costs least: fewer, longer rows compute the shared
+        prefix fewer times and waste less on the bucket's round-up, but every query token of
+        a row attends to all the row's earlier slots (up to its 128-query block's end)."""
+        from .finetune.batches import packed_layout
+        from .models.llama import PACKED_ATTENTION_BLOCK
+
+        c = self.model.config
+        per_token = 2.0 * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                           + c.num_heads * c.head_dim * c.hidden_size
+                           + 3 * c.hidden_size * c.intermediate_size)
+        # scores and their softmax per key: matmul FLOPs, twice for the elementwise work,
+        # which on a CPU runs slower than the matmuls
+        per_key = 2.0 * 4 * c.num_heads * c.head_dim
+
+        def cost(rows: int) -> float:
+            length, _ = packed_layout(lengths, rows, self.length_buckets, 1, prefix)
+            keys = min(length, length / 2 + PACKED_ATTENTION_BLOCK / 2)
+            return rows * length * (per_token + per_key * keys)
+
+        return min(range(1, len(lengths) + 1), key=lambda rows: (cost(rows), rows))
 
     def score(self, prompts: Sequence[str], targets: Sequence[str],
               reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:

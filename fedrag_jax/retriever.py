@@ -83,6 +83,14 @@ class DualEncoder:
         return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                               add_special_tokens=True)["input_ids"]
 
+    def _batch_rows(self, n: int) -> int:
+        """Rows to pad a batch of ``n`` texts to: a power of two (few shapes to compile), a
+        multiple of the data-parallel devices, at most ``batch_size``: a handful of queries
+        does not pay for a full batch."""
+        ways = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        rows = max(ways, 1 << max(n - 1, 0).bit_length())
+        return min(self.batch_size, -(-rows // ways) * ways)
+
     def _encode(self, encoder: Encoder, texts: Sequence[str], progress: bool,
                 what: str) -> np.ndarray:
         rows = self.tokenize(texts)
@@ -95,8 +103,9 @@ class DualEncoder:
         for start in range(0, len(rows), self.batch_size):
             chunk = order[start:start + self.batch_size]
             length = bucket_length(max(len(rows[i]) for i in chunk), self.length_buckets)
-            ids = np.full((self.batch_size, length), pad_id, np.int32)
-            mask = np.zeros((self.batch_size, length), bool)
+            n = self._batch_rows(len(chunk))
+            ids = np.full((n, length), pad_id, np.int32)
+            mask = np.zeros((n, length), bool)
             for j, i in enumerate(chunk):  # right padding, as BERT expects
                 ids[j, :len(rows[i])] = rows[i]
                 mask[j, :len(rows[i])] = True

@@ -61,6 +61,23 @@ def test_packed_scoring_equals_the_reference(tiny):
     np.testing.assert_allclose(mean, expected / [t for _, t in sizes], atol=1e-4)
 
 
+def test_packed_scoring_with_a_shared_prompt_prefix_equals_the_reference(tiny):
+    """Prompts that begin alike (a RAG template's instructions): the common start is stored
+    once per packed row and every pair's log-prob still equals PyTorch's on the whole pair."""
+    gen, ref = tiny
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(4, 96, size=9).tolist()
+    sizes = [(5, 4), (1, 3), (12, 1), (3, 7), (9, 2), (6, 6), (0, 2)]  # (0, k): prompt = prefix
+    prompts = [prefix + rng.integers(4, 96, size=p).tolist() for p, _ in sizes]
+    targets = [rng.integers(4, 96, size=t).tolist() for _, t in sizes]
+    packed = gen.score_ids(prompts, targets, pack=True)
+    expected = np.array([reference_logprob(ref, p, t) for p, t in zip(prompts, targets,
+                                                                     strict=True)])
+    np.testing.assert_allclose(packed, expected, atol=1e-4)
+    np.testing.assert_allclose(packed, gen.score_ids(prompts, targets), atol=1e-5)
+    assert np.ptp(expected) > 1.0  # the pairs' scores differ: a mix-up would show
+
+
 def test_score_text_api_and_errors(tiny):
     gen, _ = tiny
     out = gen.score(["w5 w6 w7", "w9"], ["w10 w11", "w12"])

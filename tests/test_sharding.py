@@ -81,3 +81,31 @@ def test_sharded_encoder_equals_single_device(tmp_path):
     a = np.asarray(jax.jit(lambda m, i, k: m(i, k))(single, jnp.asarray(ids), jnp.asarray(mask)))
     b = np.asarray(jax.jit(lambda m, i, k: m(i, k))(sharded, batch["ids"], batch["mask"]))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_dual_encoder_pads_a_few_texts_to_a_small_batch(tmp_path):
+    """A handful of queries is padded to the next power of two (a multiple of the mesh's
+    data-parallel devices), not to ``batch_size``, and encodes as in a full batch."""
+    from flax import nnx
+
+    from fedrag_jax.models.bert import BertConfig
+    from fedrag_jax.retriever import DualEncoder
+    from tests.helpers import tiny_tokenizer
+
+    bert = BertConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    encoder = Encoder(bert, rngs=nnx.Rngs(0))
+    single = DualEncoder(encoder, tiny_tokenizer(), max_length=64, batch_size=16)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = DualEncoder(nnx.clone(encoder), tiny_tokenizer(), max_length=64, batch_size=16,
+                          mesh=mesh)
+    assert [single._batch_rows(n) for n in (1, 3, 5, 16, 40)] == [1, 4, 8, 16, 16]
+    assert [sharded._batch_rows(n) for n in (1, 3, 5, 16)] == [4, 4, 8, 16]
+    rng = np.random.default_rng(2)
+    texts = [" ".join(f"w{i}" for i in rng.integers(4, 96, size=int(rng.integers(3, 12))))
+             for _ in range(21)]
+    full = single.encode_query(texts)  # batches of 16 and 5 (padded to 8)
+    alone = np.concatenate([single.encode_query([t]) for t in texts[:3]])
+    np.testing.assert_allclose(full[:3], alone, atol=1e-5)
+    np.testing.assert_allclose(sharded.encode_query(texts[:3]), alone, atol=1e-5)
+    assert np.abs(full).max() > 0.05 and np.ptp(full[:, 0]) > 1e-3

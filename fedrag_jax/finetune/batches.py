@@ -133,49 +133,77 @@ def first_fit_decreasing(lengths: Sequence[int], rows: int, capacity: int) -> li
     return row_of
 
 
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``seqs`` have in common."""
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return n
+
+
+def packed_layout(lengths: Sequence[int], rows: int, buckets: Sequence[int],
+                  groups: int = 1, prefix_length: int = 0) -> tuple[int, list[list[int]]]:
+    """The row length (the smallest bucket that fits) and each group's rows, when the
+    sequences of ``groups`` equal consecutive groups go first-fit decreasing into ``rows /
+    groups`` rows each, after a shared prefix of ``prefix_length`` slots."""
+    n = len(lengths)
+    if rows % groups or n % groups:
+        raise DataError(f"{n} sequences in {rows} packed rows cannot form {groups} equal "
+                        "micro-batches; make rows and sequences multiples of micro_batches")
+    per_group, rows_per_group = n // groups, rows // groups
+    group_lengths = [list(lengths[g * per_group:(g + 1) * per_group]) for g in range(groups)]
+    length = bucket_length(prefix_length + max(max(lengths), max(
+        -(-sum(x) // rows_per_group) for x in group_lengths)), buckets)
+    while True:
+        placed = [first_fit_decreasing(x, rows_per_group, length - prefix_length)
+                  for x in group_lengths]
+        if all(p is not None for p in placed):
+            return length, placed
+        length = bucket_length(length + 1, buckets)
+
+
 def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
                          rows: int, buckets: Sequence[int], pad_id: int,
-                         target_length: int | None = None, groups: int = 1):
+                         target_length: int | None = None, groups: int = 1,
+                         prefix_length: int = 0):
     """prompt+target sequences packed into ``rows`` rows of one length bucket.
 
     The sequences are split into ``groups`` equal consecutive groups (the micro-batches of
     the step) and each group is packed into its own ``rows / groups`` rows, so that a
-    micro-batch holds the same instances packed or not. Returns
+    micro-batch holds the same instances packed or not. With ``prefix_length`` = p > 0, the
+    first p tokens, the same in every prompt, are stored once at the start of every row
+    (segment id ``SHARED_PREFIX``) and each sequence continues it there (models/llama.py).
+    Returns
       input_ids, segment_ids [rows, L]  (segment s >= 1 = the s-th sequence of the row,
                                          0 = padding at the row's end)
       instance_row [N]                  the row holding each sequence
       target_index, target_ids, target_mask [N, T]  as in :func:`target_arrays`, with
                                          target_index a position in that row.
     """
-    n = len(prompts)
-    if rows % groups or n % groups:
-        raise DataError(f"{n} sequences in {rows} packed rows cannot form {groups} equal "
-                        "micro-batches; make rows and sequences multiples of micro_batches")
-    seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+    from ..models.llama import SHARED_PREFIX
+
+    n, p = len(prompts), prefix_length
+    prefix = list(prompts[0][:p])
+    if p and (p > min(len(x) for x in prompts) or any(list(x[:p]) != prefix for x in prompts)):
+        raise DataError(f"the prompts do not all begin with the same {p} tokens")
+    seqs = [list(x[p:]) + list(t) for x, t in zip(prompts, targets, strict=True)]
     lengths = [len(x) for x in seqs]
+    length, placed = packed_layout(lengths, rows, buckets, groups, p)
     per_group, rows_per_group = n // groups, rows // groups
-    group_of = [range(g * per_group, (g + 1) * per_group) for g in range(groups)]
-    # the smallest bucket at which every group fits its rows
-    length = bucket_length(max(max(lengths), -(-max(
-        sum(lengths[i] for i in members) for members in group_of) // rows_per_group)), buckets)
-    while True:
-        placed = [first_fit_decreasing([lengths[i] for i in members], rows_per_group, length)
-                  for members in group_of]
-        if all(p is not None for p in placed):
-            break
-        length = bucket_length(length + 1, buckets)
     ids = np.full((rows, length), pad_id, np.int32)
     segments = np.zeros((rows, length), np.int32)
+    ids[:, :p], segments[:, :p] = prefix, SHARED_PREFIX
     instance_row = np.zeros(n, np.int32)
     t_len = target_length or max(len(t) for t in targets)
     target = np.zeros((n, t_len), np.int32)
     index = np.zeros((n, t_len), np.int32)
     tmask = np.zeros((n, t_len), bool)
-    fill = [0] * rows  # next free slot of each row
+    fill = [p] * rows  # next free slot of each row
     count = [0] * rows  # segments already in each row
-    for g, members in enumerate(group_of):
-        for i, local_row in zip(members, placed[g], strict=True):
-            row = g * rows_per_group + local_row
+    for g in range(groups):
+        for local, local_row in enumerate(placed[g]):
+            i, row = g * per_group + local, g * rows_per_group + local_row
             start, end = fill[row], fill[row] + lengths[i]
             count[row] += 1
             ids[row, start:end] = seqs[i]
@@ -185,6 +213,8 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
             t = targets[i][:t_len]
             target[i, :len(t)] = t
             index[i, :len(t)] = np.arange(end - len(t) - 1, end - 1)
+            if len(prompts[i]) == p and p:  # the prompt is all prefix: its last slot predicts
+                index[i, 0] = p - 1
             tmask[i, :len(t)] = True
     return {"input_ids": ids, "segment_ids": segments, "instance_row": instance_row,
             "target_index": index, "target_ids": target, "target_mask": tmask}

@@ -11,6 +11,9 @@ each query and key head before RoPE.
 Packed training rows (``segment_ids``): several sequences share a row, token t attends to
 token s iff s <= t and seg(s) = seg(t) != 0 (causal and block-diagonal), and RoPE positions
 restart at 0 where each segment starts, so every sequence is computed as if it were alone.
+A row may open with a prefix its sequences have in common (seg = SHARED_PREFIX, p tokens):
+every segment of the row also attends to it and its positions start at p, so the prefix is
+computed once per row and each sequence is still exactly prefix + its own tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .layers import RMSNorm, causal_blockwise_attention, embedding, linear, mask
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 PACKED_ATTENTION_BLOCK = 128  # queries per block in packed rows (causal_blockwise_attention)
+SHARED_PREFIX = -1  # segment id of a prefix every segment of a packed row continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,9 @@ class LlamaConfig:
         return cls(**kwargs)
 
 
+Rope = tuple[jax.Array, jax.Array]  # (cos, sin), see rope_tables
+
+
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
     """theta_i = base^(-2i/d), adjusted by the checkpoint's rope scaling."""
     d = config.head_dim
@@ -162,11 +169,17 @@ def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * theta_i (the "rotate half" convention)."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype: Any) -> Rope:
+    """cos and sin of pos * theta_i for every token, [B, T, 1, d]: computed once per forward
+    and shared by all layers (per layer, they cost a tenth of a small model's forward on CPU)."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, d/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, d]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * theta_i (the "rotate half" convention)."""
+    cos, sin = rope
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -211,8 +224,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **norm_kw)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **norm_kw)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    def __call__(self, x: jax.Array, rope: Rope, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                  block: int | None = None):
         """kv = (cache_keys, cache_values, write_index) for the decoding path; ``block``:
         attend block by block (a causal mask over the row's own slots, no cache)."""
@@ -223,7 +236,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         new_kv = None
         if kv is not None:
             cache_k, cache_v, index = kv
@@ -260,8 +273,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm_kw)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, h, positions, inv_freq, mask, kv=None, block=None):
-        a, new_kv = self.attn(self.input_norm(h), positions, inv_freq, mask, kv, block)
+    def __call__(self, h, rope, mask, kv=None, block=None):
+        a, new_kv = self.attn(self.input_norm(h), rope, mask, kv, block)
         h = h + a
         return h + self.mlp(self.post_attention_norm(h)), new_kv
 
@@ -352,12 +365,12 @@ class CausalLM(nnx.Module):
             allowed &= key_slots[None, :] > query_slots[:, None] - c.sliding_window
         mask = allowed[None] & key_valid[:, None, :]  # [B, T, S]
 
-        inv_freq = rope_inverse_frequencies(c)
+        rope = rope_tables(positions, rope_inverse_frequencies(c), c.dtype)
         h = self.embed_tokens(input_ids)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            h, new_kv = layer(h, positions, inv_freq, mask, kv)
+            h, new_kv = layer(h, rope, mask, kv)
             if new_kv is not None:
                 new_keys.append(new_kv[0])
                 new_values.append(new_kv[1])
@@ -371,18 +384,21 @@ class CausalLM(nnx.Module):
                               positions: jax.Array | None) -> jax.Array:
         c = self.config
         t = input_ids.shape[1]
-        if positions is None:
-            positions = segment_positions(segment_ids)
+        shared = segment_ids == SHARED_PREFIX  # a prefix at the row's start, if any
+        if positions is None:  # a segment after a shared prefix of p tokens starts at p
+            prefix = jnp.sum(shared, axis=-1, keepdims=True, dtype=jnp.int32)
+            positions = segment_positions(segment_ids) + jnp.where(shared, 0, prefix)
         slots = jnp.arange(t)
         allowed = slots[None, :] <= slots[:, None]  # causal, [T, T]
-        if c.sliding_window is not None:
-            allowed &= slots[None, :] > slots[:, None] - c.sliding_window
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # block-diagonal
-        mask = allowed[None] & same & (segment_ids[:, None, :] != 0)  # [B, T, T]
-        inv_freq = rope_inverse_frequencies(c)
+        seen = same | (shared[:, None, :] & (segment_ids[:, :, None] != 0))  # + the prefix
+        mask = allowed[None] & seen & (segment_ids[:, None, :] != 0)  # [B, T, T]
+        if c.sliding_window is not None:  # by position: a prefix is nearer than its slots
+            mask &= positions[:, None, :] > positions[:, :, None] - c.sliding_window
+        rope = rope_tables(positions, rope_inverse_frequencies(c), c.dtype)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h, _ = layer(h, positions, inv_freq, mask, block=PACKED_ATTENTION_BLOCK)
+            h, _ = layer(h, rope, mask, block=PACKED_ATTENTION_BLOCK)
         return self.norm(h)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

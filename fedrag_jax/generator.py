@@ -101,12 +101,13 @@ def _target_logprobs(graphdef, state, ids, mask, target_index, target_ids, targe
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _packed_target_logprobs(graphdef, state, ids, segment_ids, instance_row, target_index,
-                            target_ids, target_mask):
-    """As :func:`_target_logprobs`, over packed rows: instance i's targets are predicted at
-    ``target_index[i]`` of row ``instance_row[i]``."""
+def _packed_target_logprobs(graphdef, state, ids, segment_ids, prefix_ids, instance_row,
+                            target_index, target_ids, target_mask):
+    """As :func:`_target_logprobs`, over packed rows after a shared prefix: instance i's
+    targets are predicted at ``target_index[i]`` of row ``instance_row[i]``."""
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(ids, segment_ids=segment_ids)
+    hidden, _ = model.hidden_states(ids, segment_ids=segment_ids,
+                                    prefix_ids=prefix_ids if prefix_ids.shape[0] else None)
     picked = hidden[instance_row[:, None], target_index]  # [N, Tt, D]
     logp = jax.nn.log_softmax(model.logits(picked), axis=-1)
     token_logp = jnp.take_along_axis(logp, target_ids[..., None], axis=-1)[..., 0]
@@ -183,9 +184,9 @@ class Generator:
                   pack: bool = False) -> np.ndarray:
         """log p(target | prompt) per pair, summed (or averaged) over target tokens only.
 
-        ``pack``: the pairs share rows (block-diagonal attention, see models/llama.py), each
-        row holding the prompts' common prefix once, instead of each pair being left-padded
-        to the longest: the same numbers up to float order, for less padding and less work.
+        ``pack``: the pairs share rows (block-diagonal attention, see models/llama.py) after
+        the prompts' common prefix, run once, instead of each pair being left-padded to the
+        longest: the same numbers up to float order, for less padding and less work.
         """
         if len(prompt_ids) != len(target_ids):
             raise DataError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
@@ -218,30 +219,31 @@ class Generator:
         batch = self.pack_pairs(prompt_ids, target_ids)
         graphdef, state = nnx.split(self.model)
         logp = np.asarray(_packed_target_logprobs(
-            graphdef, state, batch["input_ids"], batch["segment_ids"], batch["instance_row"],
-            batch["target_index"], batch["target_ids"], batch["target_mask"]), np.float64)
+            graphdef, state, batch["input_ids"], batch["segment_ids"], batch["prefix_ids"],
+            batch["instance_row"], batch["target_index"], batch["target_ids"],
+            batch["target_mask"]), np.float64)
         total = logp.sum(-1)
         return total / batch["target_mask"].sum(-1) if reduction == "mean" else total
 
     def pack_pairs(self, prompt_ids: Sequence[Sequence[int]],
-                   target_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray | int]:
-        """The packed rows ``score_ids(pack=True)`` runs (see ``packed_target_arrays``), with
-        ``prefix_length``: the prompts' common start (a RAG template's instructions before the
-        passage), stored once at the start of each row instead of once per pair."""
+                   target_ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """The packed rows ``score_ids(pack=True)`` runs (see ``packed_target_arrays``): the
+        prompts' common start (a RAG template's instructions before the passage) is run once
+        for all of them (``prefix_ids``), the rest packed a few pairs to a row."""
         from .finetune.batches import common_prefix_length, packed_target_arrays
 
         prompts, targets = [list(p) for p in prompt_ids], [list(t) for t in target_ids]
-        prefix = common_prefix_length(prompts)
+        # each pair keeps a prompt token of its own: it predicts the first target token
+        prefix = max(0, min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1))
         lengths = [len(p) - prefix + len(t) for p, t in zip(prompts, targets, strict=True)]
         rows = self._packed_rows(lengths, prefix)
-        batch = packed_target_arrays(prompts, targets, rows, self.length_buckets, self.pad_id,
-                                     prefix_length=prefix)
-        return {**batch, "prefix_length": prefix}
+        return packed_target_arrays(prompts, targets, rows, self.length_buckets, self.pad_id,
+                                    prefix_length=prefix)
 
     def _packed_rows(self, lengths: Sequence[int], prefix: int) -> int:
-        """The number of packed rows that costs least: fewer, longer rows compute the shared
-        prefix fewer times and waste less on the bucket's round-up, but every query token of
-        a row attends to all the row's earlier slots (up to its 128-query block's end)."""
+        """The number of packed rows that costs least: fewer, longer rows waste less on the
+        bucket's round-up, but every query token of a row attends to all the row's earlier
+        slots (up to its 128-query block's end) and to the prefix."""
         from .finetune.batches import packed_layout
         from .models.llama import PACKED_ATTENTION_BLOCK
 
@@ -254,8 +256,8 @@ class Generator:
         per_key = 2.0 * 4 * c.num_heads * c.head_dim
 
         def cost(rows: int) -> float:
-            length, _ = packed_layout(lengths, rows, self.length_buckets, 1, prefix)
-            keys = min(length, length / 2 + PACKED_ATTENTION_BLOCK / 2)
+            length, _ = packed_layout(lengths, rows, self.length_buckets)
+            keys = prefix + min(length, length / 2 + PACKED_ATTENTION_BLOCK / 2)
             return rows * length * (per_token + per_key * keys)
 
         return min(range(1, len(lengths) + 1), key=lambda rows: (cost(rows), rows))

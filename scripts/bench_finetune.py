@@ -112,6 +112,10 @@ class DecoderShape:
                 "head": 2.0 * self.head_params * logit_positions,
                 "tokens": float(sum(lengths))}
 
+    def prefix_attention(self, prefix: int) -> float:
+        """Attention FLOPs of one token to the keys of a shared prefix of that length."""
+        return 4.0 * self.layers * self.heads * self.head_dim * prefix
+
     def forward(self, lengths, logit_positions: int) -> float:
         p = self.parts(lengths, logit_positions)
         return p["matmul"] + p["attention"] + p["head"]
@@ -274,16 +278,16 @@ class Probe:
         lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
         rows, padded = len(lengths), self.bucket_length(max(lengths),
                                                          self.generator.length_buckets)
-        prefix, rows_used = 0, 0
+        prefix = 0
         if pack and len(lengths) > 1:  # the packed rows score_ids builds (same function)
             packed = self.generator.pack_pairs(prompt_ids, target_ids)
             rows, padded = packed["input_ids"].shape
-            prefix, rows_used = packed["prefix_length"], len(set(packed["instance_row"]))
+            prefix = len(packed["prefix_ids"])
         return {"lengths": lengths, "targets": [len(t) for t in target_ids],
                 "padded_len": padded, "padded_rows": rows,
                 "t_len": max(len(t) for t in target_ids),
-                # a shared prefix is computed once per row, not once per pair
-                "prefix": prefix, "prefix_saved": len(lengths) - rows_used if prefix else 0}
+                # a shared prefix is computed once per call, not once per pair
+                "prefix": prefix, "prefix_saved": len(lengths) - 1 if prefix else 0}
 
     def seconds(self, name: str) -> float:
         return sum(e["s"] for e in self.events if e["call"] == name)
@@ -470,7 +474,10 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
         executed = (sum(stack.enc.forward([e["padded_len"]] * e["padded_rows"]) for e in enc)
                     + 2.0 * len(recs) * n_store * dim
                     + sum(stack.dec.forward([e["padded_len"]] * e["padded_rows"],
-                                            e["t_len"] * len(e["lengths"])) for e in score)
+                                            e["t_len"] * len(e["lengths"]))
+                          + e["padded_rows"] * e["padded_len"] * stack.dec.prefix_attention(
+                              e["prefix"]) + (stack.dec.forward([e["prefix"]], 0) if e["prefix"]
+                                              else 0.0) for e in score)
                     + stack.enc.train([q_pad] * len(q_real)))
         compile_s = counter.seconds - s0
         return {

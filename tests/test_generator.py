@@ -62,12 +62,13 @@ def test_packed_scoring_equals_the_reference(tiny):
 
 
 def test_packed_scoring_with_a_shared_prompt_prefix_equals_the_reference(tiny):
-    """Prompts that begin alike (a RAG template's instructions): the common start is stored
-    once per packed row and every pair's log-prob still equals PyTorch's on the whole pair."""
+    """Prompts that begin alike (a RAG template's instructions): the common start runs once
+    for all the pairs and every pair's log-prob still equals PyTorch's on the whole pair."""
     gen, ref = tiny
     rng = np.random.default_rng(2)
     prefix = rng.integers(4, 96, size=9).tolist()
     sizes = [(5, 4), (1, 3), (12, 1), (3, 7), (9, 2), (6, 6), (0, 2)]  # (0, k): prompt = prefix
+    assert len(gen.pack_pairs([prefix + [5, 6], prefix + [5, 7]], [[3], [4]])["prefix_ids"]) == 10
     prompts = [prefix + rng.integers(4, 96, size=p).tolist() for p, _ in sizes]
     targets = [rng.integers(4, 96, size=t).tolist() for _, t in sizes]
     packed = gen.score_ids(prompts, targets, pack=True)

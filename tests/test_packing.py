@@ -21,7 +21,7 @@ from fedrag_jax.finetune.batches import (
 from fedrag_jax.finetune.steps import TrainState, compile_step, place_state, ralt_step
 from fedrag_jax.models import llama as llama_module
 from fedrag_jax.models.layers import causal_blockwise_attention, masked_softmax_attention
-from fedrag_jax.models.llama import SHARED_PREFIX, CausalLM, segment_positions
+from fedrag_jax.models.llama import CausalLM, segment_positions
 from fedrag_jax.models.lora import apply_lora
 from fedrag_jax.sharding import MeshConfig, make_mesh, shard_batch
 from tests.helpers import tiny_hf_causal_lm
@@ -87,9 +87,9 @@ def test_packed_logits_equal_unpacked_at_every_real_token(tmp_path, monkeypatch,
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_shared_prefix_rows_equal_whole_sequences_at_every_real_token(tmp_path, monkeypatch,
                                                                      family):
-    """A row opening with the prompts' common prefix: the prefix slots compute what each
-    whole sequence computes there, and each segment what its sequence computes after it
-    (RoPE positions continue from the prefix; mistral's sliding window counts positions)."""
+    """Sequences that begin alike, packed after their common prefix (run once, ``prefix_ids``):
+    each segment computes what its whole sequence computes after the prefix (RoPE positions
+    continue from it; mistral's sliding window counts positions, not slots)."""
     monkeypatch.setattr(llama_module, "PACKED_ATTENTION_BLOCK", 16)
     path, _ = tiny_hf_causal_lm(tmp_path, family)
     model = CausalLM.from_pretrained(path)
@@ -98,48 +98,57 @@ def test_shared_prefix_rows_equal_whole_sequences_at_every_real_token(tmp_path, 
     prefix = rng.integers(3, 96, 11).tolist()
     prompts = [prefix + p for p in prompts]
     packed = packed_target_arrays(prompts, targets, 3, BUCKETS, 0, prefix_length=len(prefix))
+    assert packed["prefix_ids"].tolist() == prefix
     padded = target_arrays(prompts, targets, BUCKETS, 0)
     ours = np.asarray(model(jnp.asarray(packed["input_ids"]),
-                            segment_ids=jnp.asarray(packed["segment_ids"])))
+                            segment_ids=jnp.asarray(packed["segment_ids"]),
+                            prefix_ids=jnp.asarray(packed["prefix_ids"])))
     alone = np.asarray(model(jnp.asarray(padded["input_ids"]),
                              jnp.asarray(padded["attention_mask"])))
     length, p = padded["input_ids"].shape[1], len(prefix)
     for i, (x, t) in enumerate(zip(prompts, targets, strict=True)):
         row = packed["instance_row"][i]
         end = packed["target_index"][i, len(t) - 1] + 2
-        n = len(x) + len(t)
-        whole = alone[i, length - n:]
-        np.testing.assert_allclose(ours[row, :p], whole[:p], atol=1e-5)
-        np.testing.assert_allclose(ours[row, end - (n - p):end], whole[p:], atol=1e-5)
+        n = len(x) + len(t) - p
+        assert packed["input_ids"][row, end - n:end].tolist() == x[p:] + t
+        np.testing.assert_allclose(ours[row, end - n:end], alone[i, length - n:], atol=1e-5)
     assert np.abs(alone).max() > 0.1
 
 
-def test_shared_prefix_layout_and_attention(llama):
+def test_shared_prefix_is_seen_by_every_segment(llama):
     rng = np.random.default_rng(6)
     prompts, targets = random_instances(rng, 5)
     prefix = rng.integers(3, 96, 4).tolist()
     prompts = [prefix + p for p in prompts]
     b = packed_target_arrays(prompts, targets, 2, BUCKETS, 0, prefix_length=4)
-    assert (b["segment_ids"][:, :4] == SHARED_PREFIX).all()
-    assert (b["input_ids"][:, :4] == prefix).all()
-    for i, (x, t) in enumerate(zip(prompts, targets, strict=True)):
-        row, m = int(b["instance_row"][i]), b["target_mask"][i]
-        end = int(b["target_index"][i][m][-1]) + 2
-        assert b["input_ids"][row, end - (len(x) - 4 + len(t)):end].tolist() == x[4:] + t
-    # every segment of a row sees the prefix: changing it changes them all, and nothing else
-    # in another row
-    ids, seg = b["input_ids"], jnp.asarray(b["segment_ids"])
-    changed = ids.copy()
-    changed[0, 1] = 7 if ids[0, 1] != 7 else 8
-    before = np.asarray(llama(jnp.asarray(ids), segment_ids=seg))
-    after = np.asarray(llama(jnp.asarray(changed), segment_ids=seg))
-    for s in range(1, int(b["segment_ids"][0].max()) + 1):
-        where = b["segment_ids"][0] == s
-        assert np.abs(after[0, where] - before[0, where]).max() > 1e-3
-    np.testing.assert_array_equal(after[1], before[1])
+    ids, seg = jnp.asarray(b["input_ids"]), jnp.asarray(b["segment_ids"])
+    before = np.asarray(llama(ids, segment_ids=seg, prefix_ids=jnp.asarray(prefix)))
+    changed = list(prefix)
+    changed[1] = 7 if prefix[1] != 7 else 8
+    after = np.asarray(llama(ids, segment_ids=seg, prefix_ids=jnp.asarray(changed)))
+    real = b["segment_ids"] > 0
+    assert np.abs(after - before).max(axis=-1)[real].min() > 1e-4  # every real token moved
     with pytest.raises(DataError, match="same 5 tokens"):
         packed_target_arrays([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 6]], [[3], [4]], 1, BUCKETS,
                              0, prefix_length=5)
+    with pytest.raises(DataError, match="go on"):  # a prompt that is all prefix
+        packed_target_arrays([[1, 2, 3], [1, 2, 3, 4]], [[3], [4]], 1, BUCKETS, 0,
+                             prefix_length=3)
+
+
+def test_blockwise_attention_after_prefix_keys_equals_full_attention():
+    rng = np.random.default_rng(8)
+    q = jnp.asarray(rng.normal(size=(2, 19, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 5 + 19, 2, 8)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1, 2, 0], [1, 1, 2]], [7, 9, 3], axis=1))
+    slots = jnp.arange(19)
+    own = (slots[None, :] <= slots[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
+    mask = jnp.concatenate([jnp.ones((2, 19, 5), bool), own], axis=-1)
+    full = masked_softmax_attention(q, k, v, mask, 0.3)
+    for block in (1, 4, 19, 64):
+        np.testing.assert_allclose(
+            np.asarray(causal_blockwise_attention(q, k, v, mask, 0.3, block, key_offset=5)),
+            np.asarray(full), atol=1e-6)
 
 
 def test_no_attention_across_segments(llama):

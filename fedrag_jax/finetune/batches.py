@@ -143,21 +143,20 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def packed_layout(lengths: Sequence[int], rows: int, buckets: Sequence[int],
-                  groups: int = 1, prefix_length: int = 0) -> tuple[int, list[list[int]]]:
+                  groups: int = 1) -> tuple[int, list[list[int]]]:
     """The row length (the smallest bucket that fits) and each group's rows, when the
     sequences of ``groups`` equal consecutive groups go first-fit decreasing into ``rows /
-    groups`` rows each, after a shared prefix of ``prefix_length`` slots."""
+    groups`` rows each."""
     n = len(lengths)
     if rows % groups or n % groups:
         raise DataError(f"{n} sequences in {rows} packed rows cannot form {groups} equal "
                         "micro-batches; make rows and sequences multiples of micro_batches")
     per_group, rows_per_group = n // groups, rows // groups
     group_lengths = [list(lengths[g * per_group:(g + 1) * per_group]) for g in range(groups)]
-    length = bucket_length(prefix_length + max(max(lengths), max(
+    length = bucket_length(max(max(lengths), max(
         -(-sum(x) // rows_per_group) for x in group_lengths)), buckets)
     while True:
-        placed = [first_fit_decreasing(x, rows_per_group, length - prefix_length)
-                  for x in group_lengths]
+        placed = [first_fit_decreasing(x, rows_per_group, length) for x in group_lengths]
         if all(p is not None for p in placed):
             return length, placed
         length = bucket_length(length + 1, buckets)
@@ -172,34 +171,32 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
     The sequences are split into ``groups`` equal consecutive groups (the micro-batches of
     the step) and each group is packed into its own ``rows / groups`` rows, so that a
     micro-batch holds the same instances packed or not. With ``prefix_length`` = p > 0, the
-    first p tokens, the same in every prompt, are stored once at the start of every row
-    (segment id ``SHARED_PREFIX``) and each sequence continues it there (models/llama.py).
+    first p tokens, the same in every prompt, stay out of the rows (``prefix_ids``, run once
+    and seen by every segment, see models/llama.py); every prompt must go on past them.
     Returns
       input_ids, segment_ids [rows, L]  (segment s >= 1 = the s-th sequence of the row,
                                          0 = padding at the row's end)
+      prefix_ids [p]
       instance_row [N]                  the row holding each sequence
       target_index, target_ids, target_mask [N, T]  as in :func:`target_arrays`, with
                                          target_index a position in that row.
     """
-    from ..models.llama import SHARED_PREFIX
-
     n, p = len(prompts), prefix_length
     prefix = list(prompts[0][:p])
-    if p and (p > min(len(x) for x in prompts) or any(list(x[:p]) != prefix for x in prompts)):
-        raise DataError(f"the prompts do not all begin with the same {p} tokens")
+    if p and (p >= min(len(x) for x in prompts) or any(list(x[:p]) != prefix for x in prompts)):
+        raise DataError(f"the prompts do not all begin with the same {p} tokens and go on")
     seqs = [list(x[p:]) + list(t) for x, t in zip(prompts, targets, strict=True)]
     lengths = [len(x) for x in seqs]
-    length, placed = packed_layout(lengths, rows, buckets, groups, p)
+    length, placed = packed_layout(lengths, rows, buckets, groups)
     per_group, rows_per_group = n // groups, rows // groups
     ids = np.full((rows, length), pad_id, np.int32)
     segments = np.zeros((rows, length), np.int32)
-    ids[:, :p], segments[:, :p] = prefix, SHARED_PREFIX
     instance_row = np.zeros(n, np.int32)
     t_len = target_length or max(len(t) for t in targets)
     target = np.zeros((n, t_len), np.int32)
     index = np.zeros((n, t_len), np.int32)
     tmask = np.zeros((n, t_len), bool)
-    fill = [p] * rows  # next free slot of each row
+    fill = [0] * rows  # next free slot of each row
     count = [0] * rows  # segments already in each row
     for g in range(groups):
         for local, local_row in enumerate(placed[g]):
@@ -213,11 +210,10 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
             t = targets[i][:t_len]
             target[i, :len(t)] = t
             index[i, :len(t)] = np.arange(end - len(t) - 1, end - 1)
-            if len(prompts[i]) == p and p:  # the prompt is all prefix: its last slot predicts
-                index[i, 0] = p - 1
             tmask[i, :len(t)] = True
-    return {"input_ids": ids, "segment_ids": segments, "instance_row": instance_row,
-            "target_index": index, "target_ids": target, "target_mask": tmask}
+    return {"input_ids": ids, "segment_ids": segments, "prefix_ids": np.asarray(prefix, np.int32),
+            "instance_row": instance_row, "target_index": index, "target_ids": target,
+            "target_mask": tmask}
 
 
 def right_pad(rows: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):
@@ -381,6 +377,7 @@ class RALTDataset(_Epochs):
         if self.pack_rows:
             batch = packed_target_arrays(prompts, targets, self.pack_rows, self.buckets,
                                          self.pad_id, self.target_length, self.pack_groups)
+            del batch["prefix_ids"]  # no shared prefix here: every row holds whole sequences
         else:
             batch = target_arrays(prompts, targets, self.buckets, self.pad_id,
                                   self.target_length)

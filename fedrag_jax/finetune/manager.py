@@ -601,7 +601,8 @@ class FinetuneManager:
         c = self.config.to_dict()
         method = "lsr" if name.startswith("lsr") else "ralt"
         free = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
-                "eval_generate", "eval_generate_max", "pack", "pack_rows"}  # pack: same math
+                "eval_generate", "eval_generate_max", "pack", "pack_rows",
+                "score_batch_size"}  # pack, score_batch_size: the same math, another layout
         section = {k: v for k, v in c[method].items() if k not in free}
         return {"seed": c["seed"], "model": c["model"], "data": c["data"],
                 "retrieval": c["retrieval"], method: section}

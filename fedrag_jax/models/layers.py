@@ -97,9 +97,10 @@ def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
 
 def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                               scale: float, block: int) -> jax.Array:
+                               scale: float, block: int, key_offset: int = 0) -> jax.Array:
     """:func:`masked_softmax_attention` for a causal ``mask`` (queries and keys on the same
-    slots), ``block`` queries at a time against only the keys up to the block's end.
+    slots, after ``key_offset`` keys every query may see), ``block`` queries at a time
+    against only the keys up to the block's end.
 
     The skipped keys are masked anyway (exp(-inf) = 0 in the softmax), so the result is the
     same; the work on the [T, T] scores, which on a CPU costs more than their matmuls, about
@@ -115,11 +116,13 @@ def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: j
         end = min(start + block, t)
         n = end - start
         qb = q[:, :, :, start:end].reshape(b, kv_heads, g * n, d)
-        scores = jnp.einsum("bkmd,bskd->bkms", qb, k[:, :end],
+        keys = key_offset + end
+        scores = jnp.einsum("bkmd,bskd->bkms", qb, k[:, :keys],
                             preferred_element_type=jnp.float32) * scale  # [B, Hkv, G*n, S]
-        m = jnp.broadcast_to(mask[:, None, None, start:end, :end], (b, 1, g, n, end))
-        scores = jnp.where(m.reshape(b, 1, g * n, end), scores, jnp.finfo(jnp.float32).min)
+        m = jnp.broadcast_to(mask[:, None, None, start:end, :keys], (b, 1, g, n, keys))
+        scores = jnp.where(m.reshape(b, 1, g * n, keys), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out.append(jnp.einsum("bkms,bskd->bkmd", probs, v[:, :end]).reshape(b, kv_heads, g, n, d))
+        out.append(jnp.einsum("bkms,bskd->bkmd", probs, v[:, :keys]).reshape(b, kv_heads, g, n,
+                                                                             d))
     out = jnp.concatenate(out, axis=3)  # [B, Hkv, G, T, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)

@@ -11,9 +11,10 @@ each query and key head before RoPE.
 Packed training rows (``segment_ids``): several sequences share a row, token t attends to
 token s iff s <= t and seg(s) = seg(t) != 0 (causal and block-diagonal), and RoPE positions
 restart at 0 where each segment starts, so every sequence is computed as if it were alone.
-A row may open with a prefix its sequences have in common (seg = SHARED_PREFIX, p tokens):
-every segment of the row also attends to it and its positions start at p, so the prefix is
-computed once per row and each sequence is still exactly prefix + its own tokens.
+Sequences that all begin with the same p tokens (a RAG template's instructions) can leave
+them out of the rows (``prefix_ids``): the prefix runs once, on its own, and every segment
+of every row attends to its keys and values as well, with positions starting at p; each
+sequence is still computed exactly as prefix + its own tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from .layers import RMSNorm, causal_blockwise_attention, embedding, linear, mask
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 PACKED_ATTENTION_BLOCK = 128  # queries per block in packed rows (causal_blockwise_attention)
-SHARED_PREFIX = -1  # segment id of a prefix every segment of a packed row continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,9 +226,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope: Rope, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                 block: int | None = None):
+                 block: int | None = None, prefix_kv: tuple[jax.Array, jax.Array] | None = None):
         """kv = (cache_keys, cache_values, write_index) for the decoding path; ``block``:
-        attend block by block (a causal mask over the row's own slots, no cache)."""
+        attend block by block (a causal mask over the row's own slots, no cache), after the
+        keys and values [1, p, Hkv, d] of a shared prefix when ``prefix_kv`` is given."""
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -244,12 +245,17 @@ class Attention(nnx.Module):
             cache_k = write(cache_k, k.astype(cache_k.dtype), index, 1)
             cache_v = write(cache_v, v.astype(cache_v.dtype), index, 1)
             k, v, new_kv = cache_k, cache_v, (cache_k, cache_v)
+        offset = 0
+        if prefix_kv is not None:  # every row continues the same prefix
+            pk, pv = (jnp.broadcast_to(a.astype(k.dtype), (b, *a.shape[1:])) for a in prefix_kv)
+            k, v, offset = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1), \
+                pk.shape[1]
         scale = 1.0 / math.sqrt(c.head_dim)
         if block is None:
             out = masked_softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
         else:
             out = causal_blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                             scale, block)
+                                             scale, block, key_offset=offset)
         return self.o_proj(out), new_kv
 
 
@@ -273,8 +279,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm_kw)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, h, rope, mask, kv=None, block=None):
-        a, new_kv = self.attn(self.input_norm(h), rope, mask, kv, block)
+    def __call__(self, h, rope, mask, kv=None, block=None, prefix_kv=None):
+        a, new_kv = self.attn(self.input_norm(h), rope, mask, kv, block, prefix_kv)
         h = h + a
         return h + self.mlp(self.post_attention_norm(h)), new_kv
 
@@ -332,11 +338,13 @@ class CausalLM(nnx.Module):
     # forward ------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None, cache: KVCache | None = None, *,
-                      segment_ids: jax.Array | None = None):
+                      segment_ids: jax.Array | None = None,
+                      prefix_ids: jax.Array | None = None):
         """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
 
         ``segment_ids`` [B, T] (int, 0 = padding) instead of ``attention_mask``: packed rows
-        for training (no cache), see the module docstring.
+        (no cache), see the module docstring; with ``prefix_ids`` [p], the tokens every
+        segment continues, run once (their hidden states are not returned).
         """
         c = self.config
         b, t = input_ids.shape
@@ -344,7 +352,8 @@ class CausalLM(nnx.Module):
             if cache is not None or attention_mask is not None:
                 raise ValueError("segment_ids (packed rows) replace attention_mask and take no "
                                  "KV cache: pass one or the other")
-            return self._packed_hidden_states(input_ids, segment_ids, positions), None
+            return self._packed_hidden_states(input_ids, segment_ids, positions,
+                                              prefix_ids), None
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
@@ -381,24 +390,34 @@ class CausalLM(nnx.Module):
         return h, new_cache
 
     def _packed_hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array,
-                              positions: jax.Array | None) -> jax.Array:
+                              positions: jax.Array | None,
+                              prefix_ids: jax.Array | None) -> jax.Array:
         c = self.config
         t = input_ids.shape[1]
-        shared = segment_ids == SHARED_PREFIX  # a prefix at the row's start, if any
-        if positions is None:  # a segment after a shared prefix of p tokens starts at p
-            prefix = jnp.sum(shared, axis=-1, keepdims=True, dtype=jnp.int32)
-            positions = segment_positions(segment_ids) + jnp.where(shared, 0, prefix)
+        p = 0 if prefix_ids is None else prefix_ids.shape[-1]
+        prefix_kv = [None] * c.num_layers
+        if p:  # the shared prefix, once: its keys and values in every layer
+            _, cache = self.hidden_states(prefix_ids.reshape(1, p), cache=self.init_cache(1, p))
+            prefix_kv = list(zip(cache.keys, cache.values, strict=True))
+        if positions is None:
+            positions = segment_positions(segment_ids) + p
         slots = jnp.arange(t)
         allowed = slots[None, :] <= slots[:, None]  # causal, [T, T]
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # block-diagonal
-        seen = same | (shared[:, None, :] & (segment_ids[:, :, None] != 0))  # + the prefix
-        mask = allowed[None] & seen & (segment_ids[:, None, :] != 0)  # [B, T, T]
-        if c.sliding_window is not None:  # by position: a prefix is nearer than its slots
-            mask &= positions[:, None, :] > positions[:, :, None] - c.sliding_window
+        mask = allowed[None] & same & (segment_ids[:, None, :] != 0)  # [B, T, T]
+        key_positions = positions
+        if p:  # every real token also sees the whole prefix: [B, T, p + T]
+            sees_prefix = jnp.broadcast_to((segment_ids != 0)[:, :, None], (*segment_ids.shape, p))
+            mask = jnp.concatenate([sees_prefix, mask], axis=-1)
+            key_positions = jnp.concatenate(
+                [jnp.broadcast_to(jnp.arange(p, dtype=positions.dtype), (positions.shape[0], p)),
+                 positions], axis=-1)
+        if c.sliding_window is not None:  # by position: the prefix is nearer than its slots
+            mask &= key_positions[:, None, :] > positions[:, :, None] - c.sliding_window
         rope = rope_tables(positions, rope_inverse_frequencies(c), c.dtype)
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h, _ = layer(h, rope, mask, block=PACKED_ATTENTION_BLOCK)
+        for layer, kv in zip(self.layers, prefix_kv, strict=True):
+            h, _ = layer(h, rope, mask, block=PACKED_ATTENTION_BLOCK, prefix_kv=kv)
         return self.norm(h)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -411,10 +430,10 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None, *,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, prefix_ids: jax.Array | None = None):
         """logits [B, T, V]; with ``cache``, returns ``(logits, updated_cache)``."""
         h, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache,
-                                          segment_ids=segment_ids)
+                                          segment_ids=segment_ids, prefix_ids=prefix_ids)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 

@@ -141,14 +141,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = DEFAULT_RULE
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), None, rules)
 
 
+# batch entries every example shares (a packed batch's common prompt prefix): replicated
+# over the mesh and given whole to every micro-batch
+SHARED_BATCH_KEYS = frozenset({"prefix_ids"})
+
+
 def shard_batch(batch, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
-    """Place every array of a batch pytree on the mesh, leading dimension sharded."""
+    """Place every array of a batch pytree on the mesh, leading dimension sharded (the
+    entries of a batch dict named in ``SHARED_BATCH_KEYS``: replicated)."""
 
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         sharding = named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape, rules)
         return jax.device_put(x, sharding)
 
+    if isinstance(batch, dict):
+        return {k: jax.device_put(np.asarray(v) if not isinstance(v, jax.Array) else v,
+                                  replicated(mesh)) if k in SHARED_BATCH_KEYS
+                else jax.tree.map(put, v) for k, v in batch.items()}
     return jax.tree.map(put, batch)
 
 

@@ -565,10 +565,12 @@ def build_ralt_batches(stack: Stack, records: list[dict], k: int, ralt_batch: in
 
 
 def sequence_lengths(batch: dict) -> np.ndarray:
-    """Real tokens of each (query, passage) sequence, padded or packed."""
+    """Real tokens of each (query, passage) sequence, padded or packed (a packed batch's
+    shared prefix counted in every sequence, as the sequences are)."""
     if "segment_ids" in batch:
         seg = np.asarray(batch["segment_ids"])
-        return np.concatenate([np.bincount(row, minlength=row.max() + 1)[1:] for row in seg])
+        own = np.concatenate([np.bincount(row, minlength=row.max() + 1)[1:] for row in seg])
+        return own + len(batch.get("prefix_ids", ()))
     return np.asarray(batch["attention_mask"]).sum(1)
 
 
@@ -621,14 +623,21 @@ def bench_ralt_ours(stack: Stack, batches: list[dict], lora_rank: int, n_timed: 
         lengths = sequence_lengths(b)
         n_targets = int(np.asarray(b["target_mask"]).sum())
         rows, padded_len = b["input_ids"].shape
+        # a shared prefix runs once per micro-batch, not once per sequence
+        p = len(b.get("prefix_ids", ()))
+        prefix_once = stack.dec.train([p], 0, lora_rank) if p else 0.0
+        saved = (len(lengths) - micro_batches) * prefix_once
         log(f"   step {b['input_ids'].shape}: {dt:.2f}s  {int(lengths.sum())} real tokens "
             f"-> {lengths.sum() / dt:.0f} tok/s")
         return {
             "seconds": dt, "shape": [rows, padded_len], "real_tokens": int(lengths.sum()),
             "target_tokens": n_targets,
-            "flops_real": stack.dec.train(lengths, n_targets, lora_rank),
-            "flops_executed": stack.dec.train([padded_len] * rows,
-                                              b["target_ids"].size, lora_rank),
+            "flops_real": stack.dec.train(lengths, n_targets, lora_rank) - saved,
+            "flops_executed": (stack.dec.train([padded_len] * rows, b["target_ids"].size,
+                                               lora_rank)
+                               + 3.0 * rows * padded_len * stack.dec.prefix_attention(p)
+                               + micro_batches * prefix_once),
+            "prefix": p,
             "loss": float(m["loss"]),
         }
 

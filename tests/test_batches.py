@@ -67,7 +67,8 @@ def test_ralt_labels_are_exactly_response_and_eos(parts):
 
 def test_packed_ralt_batches_hold_the_same_instances(parts):
     """ralt.pack: the same instances, labels and weights as the left-padded batch, each
-    sequence contiguous in one row, and the last (padded) batch of an epoch packs too."""
+    sequence contiguous in one row after the prompts' common prefix (run once per step),
+    and the last (padded) batch of an epoch packs too."""
     retriever, store, generator, records = parts
     kw = dict(top_k=3, batch_size=4, template=TEMPLATE, progress=False)
     padded = build_ralt_dataset(records, retriever, store, generator, **kw)
@@ -78,11 +79,14 @@ def test_packed_ralt_batches_hold_the_same_instances(parts):
         assert b["input_ids"].shape[0] == 4 and b["segment_ids"].shape == b["input_ids"].shape
         for key in ("target_ids", "target_mask", "weights"):
             np.testing.assert_array_equal(a[key], b[key])
+        p = len(b["prefix_ids"])
+        assert p == packed.prefix_length > 0  # the template's words before the context
         for i in range(12):
-            sequence = a["input_ids"][i][a["attention_mask"][i]]
+            sequence = a["input_ids"][i][a["attention_mask"][i]].tolist()
             row, m = b["instance_row"][i], b["target_mask"][i]
             end = b["target_index"][i][m][-1] + 2
-            assert b["input_ids"][row, end - len(sequence):end].tolist() == sequence.tolist()
+            assert b["prefix_ids"].tolist() == sequence[:p]
+            assert b["input_ids"][row, end - len(sequence) + p:end].tolist() == sequence[p:]
             assert row // 2 == i // 6  # micro-batch g's instances in micro-batch g's rows
     with pytest.raises(DataError, match="multiple of micro_batches"):
         padded.pack(3, 2)

@@ -233,11 +233,15 @@ def test_first_fit_decreasing():
 
 
 # --- the packed step ---------------------------------------------------------------------------
-def batches_of(prompts, targets, rows, groups, rng):
-    """The same instances, left-padded and packed, with random instance weights."""
+def batches_of(prompts, targets, rows, groups, rng, prefix: int = 0):
+    """The same instances, left-padded and packed, with random instance weights; with
+    ``prefix``, every prompt begins with the same ``prefix`` tokens, run once when packed."""
+    if prefix:
+        start = rng.integers(3, 96, prefix).tolist()
+        prompts = [start + p for p in prompts]
     weights = rng.uniform(0.2, 2.0, len(prompts)).astype(np.float32)
     padded = target_arrays(prompts, targets, BUCKETS, 0, 7)
-    packed = packed_target_arrays(prompts, targets, rows, BUCKETS, 0, 7, groups)
+    packed = packed_target_arrays(prompts, targets, rows, BUCKETS, 0, 7, groups, prefix)
     return {**padded, "weights": weights}, {**packed, "weights": weights}
 
 
@@ -253,7 +257,8 @@ def sgd_grads(model, trainable, batch, micro_batches):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_packed_step_has_the_same_loss_and_gradients(llama, lora, micro_batches):
+@pytest.mark.parametrize("prefix", [0, 9], ids=["whole", "shared-prefix"])
+def test_packed_step_has_the_same_loss_and_gradients(llama, lora, micro_batches, prefix):
     rng = np.random.default_rng(5)
     model = nnx.clone(llama)
     if lora:  # random B as well, so that every adapter has a gradient
@@ -264,8 +269,9 @@ def test_packed_step_has_the_same_loss_and_gradients(llama, lora, micro_batches)
                 var.set_value(jnp.asarray(rng.normal(0, 0.1, var.shape), jnp.float32))
     trainable = nnx.LoRAParam if lora else nnx.Param
     prompts, targets = random_instances(rng, 8)
-    padded, packed = batches_of(prompts, targets, 4, micro_batches, rng)
+    padded, packed = batches_of(prompts, targets, 4, micro_batches, rng, prefix)
     assert packed["input_ids"].size < padded["input_ids"].size
+    assert len(packed["prefix_ids"]) == prefix
     loss_p, grads_p = sgd_grads(nnx.clone(model), trainable, packed, micro_batches)
     loss_u, grads_u = sgd_grads(nnx.clone(model), trainable, padded, micro_batches)
     np.testing.assert_allclose(loss_p, loss_u, rtol=1e-5, atol=1e-5)
@@ -276,13 +282,15 @@ def test_packed_step_has_the_same_loss_and_gradients(llama, lora, micro_batches)
     assert max(np.abs(g).max() for g in leaves_u) > 1e-3  # gradients are not all ~0
 
 
-def test_packed_step_sharded_equals_single_device_and_compiles_once_per_shape(llama_path):
+@pytest.mark.parametrize("prefix", [0, 5], ids=["whole", "shared-prefix"])
+def test_packed_step_sharded_equals_single_device_and_compiles_once_per_shape(llama_path,
+                                                                              prefix):
     rng = np.random.default_rng(6)
     lengths = dict(prompt=(20, 21), target=(4, 5))  # every step packs to one shape ...
-    steps = [batches_of(*random_instances(rng, 16, **lengths), 8, 2, rng)[1]
+    steps = [batches_of(*random_instances(rng, 16, **lengths), 8, 2, rng, prefix)[1]
              for _ in range(3)]
     steps.append(batches_of(*random_instances(rng, 16, prompt=(40, 41), target=(4, 5)),
-                            8, 2, rng)[1])  # ... and one to a longer bucket
+                            8, 2, rng, prefix)[1])  # ... and one to a longer bucket
     assert len({b["input_ids"].shape for b in steps}) == 2
     results = {}
     for name, mesh in (("one", make_mesh(None, jax.devices()[:1])),

@@ -352,14 +352,25 @@ class RALTDataset(_Epochs):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.pack_rows: int | None = None  # set by pack()
         self.pack_groups = 1
+        self.prefix_length = 0
 
-    def pack(self, rows: int, micro_batches: int = 1) -> RALTDataset:
+    def pack(self, rows: int, micro_batches: int = 1, *, share_prefix: bool = True
+             ) -> RALTDataset:
         """Serve packed batches: each step's instances in ``rows`` rows (a multiple of
-        ``micro_batches``; each micro-batch's instances packed into its own rows)."""
+        ``micro_batches``; each micro-batch's instances packed into its own rows).
+
+        ``share_prefix``: the tokens every prompt of the dataset begins with (the template's
+        instructions before the passage) leave the rows and run once per step (``prefix_ids``;
+        the same loss and gradients: the prefix's activations are the same in every
+        instance). One length for the whole dataset, so that steps share one shape."""
         if rows < 1 or rows % micro_batches:
             raise DataError(f"pack rows={rows} must be a positive multiple of "
                             f"micro_batches={micro_batches}")
         self.pack_rows, self.pack_groups = rows, micro_batches
+        prompts = [p for ps in self.prompts for p in ps]
+        self.prefix_length = (max(0, min(common_prefix_length(prompts),
+                                         min(len(p) for p in prompts) - 1))
+                              if share_prefix else 0)
         return self
 
     def fix_length(self) -> RALTDataset:
@@ -376,8 +387,10 @@ class RALTDataset(_Epochs):
         targets = [self.targets[i] for i in rows for _ in self.prompts[i]]
         if self.pack_rows:
             batch = packed_target_arrays(prompts, targets, self.pack_rows, self.buckets,
-                                         self.pad_id, self.target_length, self.pack_groups)
-            del batch["prefix_ids"]  # no shared prefix here: every row holds whole sequences
+                                         self.pad_id, self.target_length, self.pack_groups,
+                                         self.prefix_length)
+            if not self.prefix_length:  # every row holds whole sequences
+                del batch["prefix_ids"]
         else:
             batch = target_arrays(prompts, targets, self.buckets, self.pad_id,
                                   self.target_length)

@@ -20,7 +20,14 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from ..sharding import DEFAULT_RULES, LogicalRules, batch_sharding, replicated, variable_shardings
+from ..sharding import (
+    DEFAULT_RULES,
+    SHARED_BATCH_KEYS,
+    LogicalRules,
+    batch_sharding,
+    replicated,
+    variable_shardings,
+)
 from .losses import lsr_loss, ralt_loss
 
 Batch = dict[str, jax.Array]
@@ -86,8 +93,9 @@ def ralt_objective(model: nnx.Module, batch: Batch):
     are read from its row ``instance_row[i]`` (stored over the whole step: modulo the rows
     here, it is the row within this micro-batch), so the loss is the same per instance.
     """
-    if "segment_ids" in batch:
-        hidden, _ = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])
+    if "segment_ids" in batch:  # (and the instances' common prefix, run once, if any)
+        hidden, _ = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"],
+                                        prefix_ids=batch.get("prefix_ids"))
         rows = batch["instance_row"] % hidden.shape[0]
         picked = hidden[rows[:, None], batch["target_index"]]  # [N, T, D]
     else:
@@ -112,14 +120,16 @@ def train_step(state: TrainState, batch: Batch, *, objective: Callable,
     if micro_batches == 1:
         (loss, aux), grads = loss_and_grads(batch)
     else:
-        split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+        shared = {k: v for k, v in batch.items() if k in SHARED_BATCH_KEYS}
+        split = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]),
+                             {k: v for k, v in batch.items() if k not in SHARED_BATCH_KEYS})
 
         def accumulate(carry, mb):
-            (loss, aux), grads = loss_and_grads(mb)
+            (loss, aux), grads = loss_and_grads({**mb, **shared})
             return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
         zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_and_grads(
-            jax.tree.map(lambda x: x[0], split))))
+            {**jax.tree.map(lambda x: x[0], split), **shared})))
         (loss, aux), grads = zero
         (loss, aux, grads), _ = jax.lax.scan(accumulate, (loss, aux, grads), split)
         loss, grads = loss / micro_batches, jax.tree.map(lambda g: g / micro_batches, grads)
@@ -167,10 +177,12 @@ def compile_step(step_fn: Callable, state: TrainState, batch: Batch, mesh: Mesh,
                  rules: LogicalRules = DEFAULT_RULES, **hyper: Any) -> Callable:
     """``jax.jit(step)`` with in/out shardings from the mesh and the state donated.
 
-    Every batch array is sharded along its leading (example) dimension.
+    Every batch array is sharded along its leading (example) dimension, but for the
+    ``SHARED_BATCH_KEYS`` (replicated).
     """
     state_sh = state_shardings(state, mesh, rules)
-    batch_sh = {k: batch_sharding(mesh, jnp.ndim(v), rules) for k, v in batch.items()}
+    batch_sh = {k: replicated(mesh) if k in SHARED_BATCH_KEYS
+                else batch_sharding(mesh, jnp.ndim(v), rules) for k, v in batch.items()}
     fn = functools.partial(step_fn, **hyper)
     return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)

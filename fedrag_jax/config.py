@@ -72,7 +72,7 @@ class LSRConfig:
     lm_reduction: Literal["sum", "mean"] = "mean"  # log-prob over answer tokens: sum or mean
     max_length: int = 384  # prompt + answer tokens when the generator scores a passage
     score_batch_size: int = 32  # (query, passage) pairs per generator scoring forward
-    pack: bool = True  # LM-score the pairs packed a few to a row, the prompt prefix once a row
+    pack: bool = True  # LM-score the pairs a few to a packed row, their common prefix once
     train_context: bool = False  # also train the context tower (then re-index)
     # RA-DIT retrieves with the *current* query tower: every N steps each training query's
     # top-k is re-retrieved (only new pairs are LM-scored); with train_context the store is

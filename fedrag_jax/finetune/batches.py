@@ -360,9 +360,9 @@ class RALTDataset(_Epochs):
         ``micro_batches``; each micro-batch's instances packed into its own rows).
 
         ``share_prefix``: the tokens every prompt of the dataset begins with (the template's
-        instructions before the passage) leave the rows and run once per step (``prefix_ids``;
-        the same loss and gradients: the prefix's activations are the same in every
-        instance). One length for the whole dataset, so that steps share one shape."""
+        instructions before the passage) leave the rows and run once per micro-batch
+        (``prefix_ids``; the same loss and gradients: the prefix's activations are the same
+        in every instance). One length for the whole dataset: steps share one shape."""
         if rows < 1 or rows % micro_batches:
             raise DataError(f"pack rows={rows} must be a positive multiple of "
                             f"micro_batches={micro_batches}")

@@ -122,7 +122,7 @@ def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: j
         m = jnp.broadcast_to(mask[:, None, None, start:end, :keys], (b, 1, g, n, keys))
         scores = jnp.where(m.reshape(b, 1, g * n, keys), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out.append(jnp.einsum("bkms,bskd->bkmd", probs, v[:, :keys]).reshape(b, kv_heads, g, n,
-                                                                             d))
+        block_out = jnp.einsum("bkms,bskd->bkmd", probs, v[:, :keys])
+        out.append(block_out.reshape(b, kv_heads, g, n, d))
     out = jnp.concatenate(out, axis=3)  # [B, Hkv, G, T, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)

@@ -171,7 +171,8 @@ def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype: Any) -> Rope:
     """cos and sin of pos * theta_i for every token, [B, T, 1, d]: computed once per forward
-    and shared by all layers (per layer, they cost a tenth of a small model's forward on CPU)."""
+    and shared by all layers (recomputed in each layer, they cost SmolLM2-135M's packed
+    scoring about a tenth of its time on CPU)."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, d/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
@@ -248,8 +249,8 @@ class Attention(nnx.Module):
         offset = 0
         if prefix_kv is not None:  # every row continues the same prefix
             pk, pv = (jnp.broadcast_to(a.astype(k.dtype), (b, *a.shape[1:])) for a in prefix_kv)
-            k, v, offset = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1), \
-                pk.shape[1]
+            k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+            offset = pk.shape[1]
         scale = 1.0 / math.sqrt(c.head_dim)
         if block is None:
             out = masked_softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)

@@ -241,9 +241,9 @@ class Generator:
                                     prefix_length=prefix)
 
     def _packed_rows(self, lengths: Sequence[int], prefix: int) -> int:
-        """The number of packed rows that costs least: fewer, longer rows waste less on the
-        bucket's round-up, but every query token of a row attends to all the row's earlier
-        slots (up to its 128-query block's end) and to the prefix."""
+        """The number of packed rows (a power of two) that costs least: fewer, longer rows
+        waste less on the bucket's round-up, but every query token of a row attends to all the
+        row's earlier slots (up to its 128-query block's end) and to the prefix."""
         from .finetune.batches import packed_layout
         from .models.llama import PACKED_ATTENTION_BLOCK
 
@@ -260,7 +260,9 @@ class Generator:
             keys = prefix + min(length, length / 2 + PACKED_ATTENTION_BLOCK / 2)
             return rows * length * (per_token + per_key * keys)
 
-        return min(range(1, len(lengths) + 1), key=lambda rows: (cost(rows), rows))
+        # powers of two only: a dataset's many scoring calls then compile a few shapes
+        options = [1 << i for i in range(len(lengths).bit_length()) if 1 << i <= len(lengths)]
+        return min(options, key=lambda rows: (cost(rows), rows))
 
     def score(self, prompts: Sequence[str], targets: Sequence[str],
               reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:

@@ -44,14 +44,19 @@ def test_score_equals_float64_reference(tiny):
     np.testing.assert_allclose(mean, expected / [4, 1, 7], atol=1e-4)
 
 
-def test_packed_scoring_equals_the_reference(tiny):
-    """score_ids(pack=True): pairs two to a packed row, same log-probs as the float64
-    PyTorch reference (and as the left-padded path); an odd count leaves one row single."""
+@pytest.mark.parametrize("prefix", [0, 9], ids=["no-common-start", "shared-prefix"])
+def test_packed_scoring_equals_the_reference(tiny, prefix):
+    """score_ids(pack=True): the pairs packed a few to a row after the prompts' common start,
+    run once (``prefix``: a RAG template's instructions; one prompt is all prefix, so 8 of
+    its 9 tokens are shared), give the float64 PyTorch reference's log-probs on each whole
+    pair, and the left-padded path's."""
     gen, ref = tiny
-    rng = np.random.default_rng(1)
-    sizes = [(5, 4), (11, 1), (3, 7), (9, 2), (6, 6)]
-    prompts = [rng.integers(4, 96, size=p).tolist() for p, _ in sizes]
+    rng = np.random.default_rng(1 + prefix)
+    start = rng.integers(4, 96, size=prefix).tolist()
+    sizes = [(5, 4), (11, 1), (3, 7), (9, 2), (6, 6)] + ([(0, 2), (1, 3)] if prefix else [])
+    prompts = [start + rng.integers(4, 96, size=p).tolist() for p, _ in sizes]
     targets = [rng.integers(4, 96, size=t).tolist() for _, t in sizes]
+    assert len(gen.pack_pairs(prompts, targets)["prefix_ids"]) == (8 if prefix else 0)
     packed = gen.score_ids(prompts, targets, pack=True)
     expected = np.array([reference_logprob(ref, p, t) for p, t in zip(prompts, targets,
                                                                      strict=True)])
@@ -59,23 +64,6 @@ def test_packed_scoring_equals_the_reference(tiny):
     np.testing.assert_allclose(packed, gen.score_ids(prompts, targets), atol=1e-5)
     mean = gen.score_ids(prompts, targets, reduction="mean", pack=True)
     np.testing.assert_allclose(mean, expected / [t for _, t in sizes], atol=1e-4)
-
-
-def test_packed_scoring_with_a_shared_prompt_prefix_equals_the_reference(tiny):
-    """Prompts that begin alike (a RAG template's instructions): the common start runs once
-    for all the pairs and every pair's log-prob still equals PyTorch's on the whole pair."""
-    gen, ref = tiny
-    rng = np.random.default_rng(2)
-    prefix = rng.integers(4, 96, size=9).tolist()
-    sizes = [(5, 4), (1, 3), (12, 1), (3, 7), (9, 2), (6, 6), (0, 2)]  # (0, k): prompt = prefix
-    assert len(gen.pack_pairs([prefix + [5, 6], prefix + [5, 7]], [[3], [4]])["prefix_ids"]) == 10
-    prompts = [prefix + rng.integers(4, 96, size=p).tolist() for p, _ in sizes]
-    targets = [rng.integers(4, 96, size=t).tolist() for _, t in sizes]
-    packed = gen.score_ids(prompts, targets, pack=True)
-    expected = np.array([reference_logprob(ref, p, t) for p, t in zip(prompts, targets,
-                                                                     strict=True)])
-    np.testing.assert_allclose(packed, expected, atol=1e-4)
-    np.testing.assert_allclose(packed, gen.score_ids(prompts, targets), atol=1e-5)
     assert np.ptp(expected) > 1.0  # the pairs' scores differ: a mix-up would show
 
 

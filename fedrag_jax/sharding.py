@@ -150,15 +150,15 @@ def shard_batch(batch, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
     """Place every array of a batch pytree on the mesh, leading dimension sharded (the
     entries of a batch dict named in ``SHARED_BATCH_KEYS``: replicated)."""
 
-    def put(x):
+    def put(x, shared: bool = False):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        sharding = named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape, rules)
+        sharding = (replicated(mesh) if shared else
+                    named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape, rules))
         return jax.device_put(x, sharding)
 
     if isinstance(batch, dict):
-        return {k: jax.device_put(np.asarray(v) if not isinstance(v, jax.Array) else v,
-                                  replicated(mesh)) if k in SHARED_BATCH_KEYS
-                else jax.tree.map(put, v) for k, v in batch.items()}
+        return {k: put(v, shared=True) if k in SHARED_BATCH_KEYS else jax.tree.map(put, v)
+                for k, v in batch.items()}
     return jax.tree.map(put, batch)
 
 

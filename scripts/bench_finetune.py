@@ -463,9 +463,16 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
         q_real = [int(m) for m in arrays["query_mask"].sum(1)]
         q_pad = arrays["query_mask"].shape[1]
 
-        def scored(e):  # the pairs' forward FLOPs, a shared prefix once per row
+        def scored(e):  # the pairs' forward FLOPs, a shared prefix once per call
             return (stack.dec.forward(e["lengths"], sum(e["targets"]))
                     - e["prefix_saved"] * stack.dec.forward([e["prefix"]], 0))
+
+        def scored_executed(e):  # the rows as run, padding included, + the prefix once
+            slots = e["padded_rows"] * e["padded_len"]
+            prefix = (stack.dec.forward([e["prefix"]], 0)
+                      + slots * stack.dec.prefix_attention(e["prefix"])) if e["prefix"] else 0.0
+            return stack.dec.forward([e["padded_len"]] * e["padded_rows"],
+                                     e["t_len"] * len(e["lengths"])) + prefix
 
         real = (sum(stack.enc.forward(e["lengths"]) for e in enc)
                 + 2.0 * len(recs) * n_store * dim
@@ -473,11 +480,7 @@ def bench_lsr_ours(stack: Stack, records: list[dict], batch: int, k: int, n_time
                 + stack.enc.train(q_real))
         executed = (sum(stack.enc.forward([e["padded_len"]] * e["padded_rows"]) for e in enc)
                     + 2.0 * len(recs) * n_store * dim
-                    + sum(stack.dec.forward([e["padded_len"]] * e["padded_rows"],
-                                            e["t_len"] * len(e["lengths"]))
-                          + e["padded_rows"] * e["padded_len"] * stack.dec.prefix_attention(
-                              e["prefix"]) + (stack.dec.forward([e["prefix"]], 0) if e["prefix"]
-                                              else 0.0) for e in score)
+                    + sum(scored_executed(e) for e in score)
                     + stack.enc.train([q_pad] * len(q_real)))
         compile_s = counter.seconds - s0
         return {

@@ -38,10 +38,11 @@ from fedrag_jax.federated import (
 from fedrag_jax.federated.aggregate import ServerOptimizer, aggregate
 from fedrag_jax.federated.client import make_client_app
 from fedrag_jax.federated.history import RoundRecord, open_run
-from fedrag_jax.federated.payload import read_arrayrecord
+from fedrag_jax.federated.payload import RowUpdate, read_arrayrecord, wire_flat
 from fedrag_jax.federated.server import (
     ServerRun,
     aggregate_replies,
+    finite_mean,
     make_strategy,
     screen_train_replies,
     serve,
@@ -53,8 +54,9 @@ from fedrag_jax.finetune.steps import QUERY_TOWER, Towers, TrainState
 from fedrag_jax.models.bert import BertConfig, Encoder
 from tests.helpers import LocalGrid
 
-# one layer: XLA:CPU compiles this train step in ~8 s on two cores (two layers: ~13 s)
-BERT = BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+# one layer: XLA:CPU compiles this train step in ~8 s on two cores (two layers: ~13 s).
+# 1536 words, of which the queries use 63: the word embeddings travel row-sparse (>= 1024 rows)
+BERT = BertConfig(vocab_size=1536, hidden_size=32, num_layers=1, num_heads=4,
                   intermediate_size=64, max_position_embeddings=32)
 # SGD keeps float-order differences (vmapped vs. single, 2 devices vs. 1) at float noise;
 # Adam would magnify them where a gradient element is ~0 (its update is ~lr * sign(g))
@@ -402,6 +404,121 @@ def test_read_arrayrecord_views_match_numpy_and_refuse_damage():
     with pytest.raises(PayloadError, match="cannot be read as an array"):
         from_arrayrecord(rec, params)
 
+
+
+# --- row-sparse updates -----------------------------------------------------------------------
+WORDS = "query_tower/word_embeddings/embedding"
+
+
+def _client_params(params, rng, rows: list[int], scale: float = 0.1):
+    """``params`` with every small leaf moved and only ``rows`` of the word embeddings."""
+    flat = flatten_params(params)
+    out = {k: v + scale * rng.normal(size=v.shape).astype(v.dtype) for k, v in flat.items()}
+    words = flat[WORDS].copy()
+    words[rows] += scale * rng.normal(size=(len(rows), words.shape[1])).astype(words.dtype)
+    out[WORDS] = words
+    return out
+
+
+def _record_reply(record: ArrayRecord, n: int, node: int) -> Message:
+    meta = Metadata(run_id=0, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord(
+        {"num-examples": n, "train_loss": 1.0})}), metadata=meta)
+
+
+def test_row_sparse_upload_is_exact_and_checked():
+    rng = np.random.default_rng(11)
+    params = params_template()
+    base = wire_flat(params)
+    rows = [3, 17, 900, 1535]
+    mine = _client_params(params, rng, rows)
+    record = to_arrayrecord(mine, base=base)
+    assert record[WORDS].shape == (4, 32)  # only the changed rows travel, with their indices
+    np.testing.assert_array_equal(record[WORDS + "#rows"].numpy(), rows)
+    assert record.count_bytes() < to_arrayrecord(mine).count_bytes() / 2
+    got = read_arrayrecord(record, params, row_sparse=True)
+    assert isinstance(got[WORDS], RowUpdate)
+    np.testing.assert_array_equal(got[WORDS].dense(base[WORDS]), mine[WORDS])  # bitwise
+    for key, value in mine.items():
+        if key != WORDS:
+            np.testing.assert_array_equal(got[key], value)
+    # a receiver that did not ask for row-sparse updates refuses them
+    with pytest.raises(PayloadError, match="extra keys"):
+        read_arrayrecord(record, params)
+    # damaged indices or values are named errors
+    for bad, match in [(np.array([3, 3, 900, 1535], np.int32), "increasing"),
+                       (np.array([3, 17, 900, 1536], np.int32), "within"),
+                       (np.array([3, 17, 900, 1535], np.int64), "int32"),
+                       (np.array([3, 17, 900], np.int32), "has shape")]:
+        damaged = ArrayRecord({k: record[k] for k in record.keys()})
+        damaged[WORDS + "#rows"] = Array(bad)
+        with pytest.raises(PayloadError, match=match):
+            read_arrayrecord(damaged, params, row_sparse=True)
+    # NaN in a sent row: found (NaN != base, so the row is sent, and checked)
+    nan = dict(mine)
+    nan[WORDS] = mine[WORDS].copy()
+    nan[WORDS][900, 5] = np.nan
+    with pytest.raises(PayloadError, match="non-finite"):
+        read_arrayrecord(to_arrayrecord(nan, base=base), params, row_sparse=True)
+    # more than half the rows changed: the leaf travels whole
+    dense = _client_params(params, rng, list(range(0, 1536, 2)) + [1])
+    assert WORDS + "#rows" not in to_arrayrecord(dense, base=base).keys()
+
+
+def test_row_sparse_mean_equals_the_dense_weighted_mean():
+    rng = np.random.default_rng(12)
+    params = params_template()
+    base = wire_flat(params)
+    counts = [7, 2, 11]
+    clients = [_client_params(params, rng, [3, 17, 900]),
+               _client_params(params, rng, [17, 18, 1200]),
+               _client_params(params, rng, list(range(0, 1536, 2)) + [1])]  # sent whole
+    records = [to_arrayrecord(c, base=base) for c in clients]
+    assert [WORDS + "#rows" in r.keys() for r in records] == [True, True, False]
+    replies = [_record_reply(r, n, i + 1)
+               for i, (r, n) in enumerate(zip(records, counts, strict=True))]
+    record = RoundRecord(round=1)
+    valid = screen_train_replies(replies, params, record, {1: 0, 2: 1, 3: 2}, True, base=base)
+    ours = weighted_mean(valid, base)
+    assert_close(ours, weighted_average(clients, counts), atol=1e-6)
+    for c in range(3):  # the clients' params the server records are whole and exact
+        for key, value in clients[c].items():
+            np.testing.assert_array_equal(record.client_params[c][key], value)
+    # two sparse replies only: the rows neither changed are exactly the global ones
+    ours = weighted_mean(valid[:2], base)
+    untouched = np.setdiff1d(np.arange(1536), [3, 17, 18, 900, 1200])
+    np.testing.assert_array_equal(ours[WORDS][untouched], base[WORDS][untouched])
+    assert_close(ours, weighted_average(clients[:2], counts[:2]), atol=1e-6)
+
+
+def test_finite_mean_rejects_non_finite_replies_it_did_not_screen():
+    rng = np.random.default_rng(13)
+    params = params_template()
+    base = wire_flat(params)
+    counts = [5, 3, 4]
+    clients = [_client_params(params, rng, [3, 17]) for _ in counts]
+    clients[1][WORDS] = clients[1][WORDS].copy()
+    clients[1][WORDS][17, 0] = np.inf  # in a row-sparse leaf
+    replies = [_record_reply(to_arrayrecord(c, base=base), n, i + 1)
+               for i, (c, n) in enumerate(zip(clients, counts, strict=True))]
+    record = RoundRecord(round=1)
+    valid = screen_train_replies(replies, params, record, {1: 0, 2: 1, 3: 2}, True,
+                                 base=base, check_finite=False)
+    assert len(valid) == 3 and not record.rejected  # not read for NaN / inf yet
+    out = finite_mean(valid, record, base, min_clients=2)
+    assert [r["client_id"] for r in record.rejected] == [1]
+    assert WORDS in record.rejected[0]["reason"] and "non-finite" in record.rejected[0]["reason"]
+    assert [c.client_id for c in record.clients] == [0, 2]
+    assert sorted(record.client_params) == [0, 2]
+    assert_close(out, weighted_average([clients[0], clients[2]], [5, 4]), atol=1e-6)
+    # too few finite replies left: no average, and the record says why
+    record = RoundRecord(round=2)
+    valid = screen_train_replies(replies[:2], params, record, {}, False, base=base,
+                                 check_finite=False)
+    assert finite_mean(valid, record, base, min_clients=2) is None
+    assert "fewer than min_clients=2" in record.note and len(record.rejected) == 1
 
 # --- local training and FedProx on a toy model (compiles in a blink) --------------------------
 class Toy(nnx.Module):

@@ -6,8 +6,9 @@ A node learns which client it is from its node config's ``partition-id`` (set by
 simulation engine, or ``flower-supernode --node-config "partition-id=0"``). Messages:
 
     train            arrays (global params, keyed by path) + config {server-round,
-                     proximal-mu?} -> arrays (the client's params) + metrics {num-examples,
-                     train_loss, examples_seen, local_steps}
+                     proximal-mu?, row-sparse?} -> arrays (the client's params; with
+                     row-sparse, a large matrix's changed rows only) + metrics
+                     {num-examples, train_loss, examples_seen, local_steps}
     evaluate         arrays -> metrics {num-examples, eval_loss}
     query.identify   -> config {client-id}: lets the server name nodes by client id
 
@@ -24,7 +25,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..errors import ConfigError
-from .payload import from_arrayrecord, to_arrayrecord
+from .payload import from_arrayrecord, read_arrayrecord, to_arrayrecord, tree_from_flat
 
 IDENTIFY = "identify"
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # Flower strategies' record keys
@@ -55,7 +56,9 @@ def client_id_of_node(config: Any, num_clients: int) -> int:
 
 def handle_train(task: Any, msg: Message, context: Context) -> Message:
     cid = client_id_of(context, task.config.num_clients)
-    params = from_arrayrecord(msg.content[ARRAYS], task.template.params)
+    template = task.template.params
+    received = read_arrayrecord(msg.content[ARRAYS], template)  # views, validated
+    params = tree_from_flat(received, template)
     config = msg.content[CONFIG]
     round_ = int(config["server-round"])
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0
@@ -64,8 +67,10 @@ def handle_train(task: Any, msg: Message, context: Context) -> Message:
                             "train_loss": float(m["train_loss"]),
                             "examples_seen": int(m["examples_seen"]),
                             "local_steps": int(m["steps"])})
-    return Message(RecordDict({ARRAYS: to_arrayrecord(new_params), METRICS: metrics}),
-                   reply_to=msg)
+    # a server that averages itself asks for row-sparse updates (payload.py)
+    base = received if config.get("row-sparse", False) else None
+    return Message(RecordDict({ARRAYS: to_arrayrecord(new_params, base=base),
+                               METRICS: metrics}), reply_to=msg)
 
 
 def handle_evaluate(task: Any, msg: Message, context: Context) -> Message:

@@ -13,6 +13,15 @@ Two encodings of the same flat dict:
 Whatever is received is validated against a template (the receiver's own params): the
 same key set, shapes and dtypes, and finite values. Any failure raises
 :class:`PayloadError` saying what was wrong.
+
+Row-sparse uploads: a client's update of a large matrix often touches few of its rows (a
+word-embedding table: only the rows of the tokens its batches held get a gradient, and with
+a fresh optimizer state each round the other rows stay bitwise equal to the global params).
+``to_arrayrecord(params, base=received)`` then sends only the changed rows of such a leaf,
+as ``path`` (the rows' values) and ``path#rows`` (their indices); ``read_arrayrecord(...,
+row_sparse=True)`` reads them back as a :class:`RowUpdate`. It is exact (changed rows are
+found by comparing values), and the server asks for it only where it averages the replies
+itself (FedAvg / FedProx without DP, ``server.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -35,6 +45,29 @@ VERSION = 1
 # back as raw void bytes): such leaves travel as float32 (exact) and are cast back.
 _WIRE_DTYPE = {np.dtype(ml_dtypes.bfloat16): np.dtype(np.float32)}
 _NUMPY_STYPE = "numpy.ndarray"  # flwr.common.constant.SType.NUMPY: the Array holds .npy bytes
+ROWS = "#rows"  # key suffix of a row-sparse leaf's row indices ('#' is never in a path)
+SPARSE_MIN_ROWS = 1024  # smaller matrices always travel whole
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """A received leaf of which only some rows travelled: ``values[i]`` is row ``rows[i]``
+    (sorted, distinct); every other row equals the params the sender received."""
+
+    rows: np.ndarray
+    values: np.ndarray
+
+    def dense(self, base: np.ndarray) -> np.ndarray:
+        """The whole leaf: ``base`` (what the sender received) with the sent rows."""
+        out = np.array(base, dtype=self.values.dtype)
+        out[self.rows] = self.values
+        return out
+
+
+def changed_rows(value: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``value`` that differ from ``base`` (NaN counts as changed)."""
+    rows = len(value)
+    return np.flatnonzero((value != base).reshape(rows, -1).any(axis=1)).astype(np.int32)
 
 
 # --- paths ---------------------------------------------------------------------------------
@@ -69,6 +102,13 @@ def flatten_params(params: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
+def wire_flat(params: Any) -> dict[str, np.ndarray]:
+    """``{path: host ndarray}`` at the dtypes they travel in (bfloat16 -> float32): what the
+    receiver of ``to_arrayrecord(params)`` reads."""
+    return {k: v.astype(_WIRE_DTYPE[v.dtype]) if v.dtype in _WIRE_DTYPE else v
+            for k, v in flatten_params(params).items()}
+
+
 def param_paths(template: Any) -> list[str]:
     return list(_flatten(template)[0])
 
@@ -86,8 +126,24 @@ def _expected(template: Any, wire: bool = False) -> dict[str, tuple[tuple[int, .
     return out
 
 
-def _check_flat(flat: Mapping[str, Any],
-                expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+def _non_finite(values: np.ndarray) -> int:
+    """How many NaN / inf values ``values`` holds (0 for integer arrays)."""
+    if not jax.dtypes.issubdtype(values.dtype, np.inexact):
+        return 0
+    finite = np.isfinite(values.astype(np.float32) if values.dtype.itemsize < 4 else values)
+    return 0 if finite.all() else int((~finite).sum())
+
+
+def non_finite_key(flat: Mapping[str, Any]) -> str | None:
+    """The first key of ``flat`` whose values (or sent rows) are not all finite, or None."""
+    for key, got in flat.items():
+        if _non_finite(got.values if isinstance(got, RowUpdate) else got):
+            return key
+    return None
+
+
+def _check_flat(flat: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int, ...], Any]],
+                check_finite: bool = True) -> None:
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
     if missing or extra:
@@ -98,6 +154,8 @@ def _check_flat(flat: Mapping[str, Any],
                            "build the model with the same architecture and trainable filter")
     for key, (shape, dtype) in expected.items():
         got = flat[key]
+        if isinstance(got, RowUpdate):  # rows already checked: check the values
+            shape, got = (len(got.rows), *shape[1:]), got.values
         if not isinstance(got, np.ndarray):
             raise PayloadError(f"payload key {key!r} holds a {type(got).__name__}, not an array")
         if tuple(got.shape) != shape:
@@ -105,11 +163,9 @@ def _check_flat(flat: Mapping[str, Any],
                                f"{shape}")
         if got.dtype != dtype:
             raise PayloadError(f"payload key {key!r} has dtype {got.dtype}, expected {dtype}")
-        if jax.dtypes.issubdtype(got.dtype, np.inexact):
-            finite = np.isfinite(got.astype(np.float32) if got.dtype.itemsize < 4 else got)
-            if not finite.all():
-                raise PayloadError(f"payload key {key!r} holds {int((~finite).sum())} "
-                                   "non-finite values (NaN or inf); the sender diverged")
+        if check_finite and (bad := _non_finite(got)):
+            raise PayloadError(f"payload key {key!r} holds {bad} non-finite values (NaN or "
+                               "inf); the sender diverged")
 
 
 def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
@@ -119,19 +175,21 @@ def validate_flat(flat: Mapping[str, Any], template: Any) -> None:
 
 
 def unflatten_params(flat: Mapping[str, np.ndarray], template: Any, *,
-                     cast: bool = False) -> Any:
+                     cast: bool = False, copy: bool = True) -> Any:
     """Validate ``flat`` against ``template`` and rebuild the template's pytree from it.
 
     ``cast=True`` first casts every known key to the template's dtype: for arrays the
     *server* computed (Flower's adaptive strategies work in float64), never for what a
-    client sent.
+    client sent. ``copy=False`` keeps the arrays of ``flat`` that need no cast (the caller
+    owns them and will not write to them).
     """
     names, treedef = _flatten(template)
     if cast:
         flat = {k: (np.asarray(v).astype(names[k].dtype, copy=False) if k in names else v)
                 for k, v in flat.items()}
     validate_flat(flat, template)
-    return jax.tree_util.tree_unflatten(treedef, [np.array(flat[k]) for k in names])
+    keep = np.asarray if not copy else np.array
+    return jax.tree_util.tree_unflatten(treedef, [keep(flat[k]) for k in names])
 
 
 # --- msgpack bytes -------------------------------------------------------------------------
@@ -175,14 +233,26 @@ def _npy_array(value: np.ndarray) -> Any:
                  data=b"".join((header.getvalue(), value.data)))
 
 
-def to_arrayrecord(params: Any):
-    """A Flower ``ArrayRecord`` keyed by path (bfloat16 leaves travel as float32)."""
+def to_arrayrecord(params: Any, *, base: Mapping[str, np.ndarray] | None = None):
+    """A Flower ``ArrayRecord`` keyed by path (bfloat16 leaves travel as float32).
+
+    ``base``: the params this sender received, ``{path: array}`` at the wire dtypes (what
+    :func:`read_arrayrecord` returns). A float leaf of at least ``SPARSE_MIN_ROWS`` rows of
+    which at most half changed then travels row-sparse: its changed rows under ``path`` and
+    their indices under ``path#rows``.
+    """
     from flwr.app import ArrayRecord
 
     out = {}
-    for key, value in flatten_params(params).items():
-        wire = _WIRE_DTYPE.get(value.dtype)
-        out[key] = _npy_array(value.astype(wire) if wire else value)
+    for key, value in wire_flat(params).items():
+        ref = base.get(key) if base is not None else None
+        if (ref is not None and value.ndim >= 2 and len(value) >= SPARSE_MIN_ROWS
+                and ref.shape == value.shape and jax.dtypes.issubdtype(value.dtype, np.inexact)):
+            rows = changed_rows(value, ref)
+            if 2 * len(rows) <= len(value):
+                out[key], out[key + ROWS] = _npy_array(value[rows]), _npy_array(rows)
+                continue
+        out[key] = _npy_array(value)
     return ArrayRecord(out)
 
 
@@ -244,21 +314,55 @@ def _views(record: Any, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return flat
 
 
+def _row_updates(flat: dict[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` with each ``path`` + ``path#rows`` pair joined into a :class:`RowUpdate`
+    (the indices checked here, the values by ``_check_flat``)."""
+    for key in [k for k in flat if k.endswith(ROWS)]:
+        leaf = key[:-len(ROWS)]
+        if leaf not in spec or leaf not in flat:
+            raise PayloadError(f"payload key {key!r} names no matrix of the model")
+        rows, rows_of = flat.pop(key), spec[leaf][0][0]
+        if rows.ndim != 1 or rows.dtype != np.int32:
+            raise PayloadError(f"payload key {key!r} must be a 1-D int32 array, got "
+                               f"{rows.dtype} {rows.shape}")
+        if len(rows) and (rows[0] < 0 or rows[-1] >= rows_of or np.any(rows[1:] <= rows[:-1])):
+            raise PayloadError(f"payload key {key!r}: row indices must be increasing and "
+                               f"within 0..{rows_of - 1}")
+        if isinstance(flat[leaf], np.ndarray) and flat[leaf].ndim < 2:
+            raise PayloadError(f"payload key {leaf!r}: sent rows of a {flat[leaf].ndim}-D array")
+        flat[leaf] = RowUpdate(rows, flat[leaf])
+    return flat
+
+
 def read_arrayrecord(record: Any, template: Any, *,
-                     spec: Mapping[str, tuple[tuple[int, ...], np.dtype, bytes]] | None = None
-                     ) -> dict[str, np.ndarray]:
+                     spec: Mapping[str, tuple[tuple[int, ...], np.dtype, bytes]] | None = None,
+                     row_sparse: bool = False, check_finite: bool = True) -> dict[str, Any]:
     """``{path: read-only array}`` of a Flower ``ArrayRecord``, validated against
     ``template`` at the wire dtypes (bfloat16 leaves stay float32: cast after averaging).
     The arrays are views into the record's bytes; copy before writing to them. ``spec``:
-    :func:`payload_spec` of ``template``, when the caller reads many records."""
+    :func:`payload_spec` of ``template``, when the caller reads many records.
+    ``row_sparse``: accept row-sparse leaves (returned as :class:`RowUpdate`).
+    ``check_finite=False`` leaves out the NaN / inf check (the server's FedAvg checks the
+    average instead, see ``server.finite_mean``)."""
     from flwr.app import ArrayRecord
 
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
     spec = spec if spec is not None else payload_spec(template)
     flat = _views(record, spec)
-    _check_flat(flat, {key: (shape, dtype) for key, (shape, dtype, _) in spec.items()})
+    if row_sparse:
+        flat = _row_updates(flat, spec)
+    _check_flat(flat, {key: (shape, dtype) for key, (shape, dtype, _) in spec.items()},
+                check_finite)
     return flat
+
+
+def tree_from_flat(flat: Mapping[str, np.ndarray], template: Any) -> Any:
+    """``template``'s pytree of the (validated, dense) ``flat`` arrays at the template's
+    dtypes (wire float32 -> bfloat16); an array already at its dtype is not copied."""
+    names, treedef = _flatten(template)
+    return jax.tree_util.tree_unflatten(
+        treedef, [np.asarray(flat[k], dtype=names[k].dtype) for k in names])
 
 
 def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
@@ -270,8 +374,5 @@ def from_arrayrecord(record: Any, template: Any, *, cast: bool = False) -> Any:
         raise PayloadError(f"expected a Flower ArrayRecord, got {type(record).__name__}")
     if cast:  # a server-computed record (float64 from Flower's adaptive strategies)
         return unflatten_params(_views(record, {}), template, cast=True)
-    flat = read_arrayrecord(record, template)
-    names, treedef = _flatten(template)
-    # one copy out of the message's bytes, at the model's dtype (wire float32 -> bfloat16)
-    return jax.tree_util.tree_unflatten(
-        treedef, [np.array(flat[k], dtype=names[k].dtype) for k in names])
+    # views into the message's bytes (a client's local training copies them onto its devices)
+    return tree_from_flat(read_arrayrecord(record, template), template)

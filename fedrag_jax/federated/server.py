@@ -32,11 +32,15 @@ from .aggregate import StrategyOptions, check_strategy
 from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
 from .history import ClientResult, RoundRecord, open_run
 from .payload import (
+    RowUpdate,
     flatten_params,
+    non_finite_key,
     payload_spec,
     read_arrayrecord,
     to_arrayrecord,
+    tree_from_flat,
     unflatten_params,
+    wire_flat,
 )
 
 log = logging.getLogger(__name__)
@@ -149,17 +153,32 @@ def identify(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
 
 @dataclass
 class ValidReply:
-    """A screened train reply: the message, its weight and its arrays (read-only views of
-    the message's bytes at the wire dtypes, already checked against the model)."""
+    """A screened train reply: the message, its weight, its arrays (read-only views of the
+    message's bytes at the wire dtypes, already checked against the model; a row-sparse
+    leaf is a :class:`RowUpdate`) and its entry in the round's record."""
 
     message: Message
     num_examples: int
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]
+    result: ClientResult | None = None
+
+
+def averages_itself(strategy: Any) -> bool:
+    """Whether the server averages the replies itself (:func:`finite_mean`): FedAvg and
+    FedProx, not wrapped (DP). Only then may clients send row-sparse updates."""
+    return type(strategy) in (flwr_strategy.FedAvg, flwr_strategy.FedProx)
 
 
 def screen_train_replies(replies: list[Message], template: Any, record: RoundRecord,
-                         mapping: dict[int, int], keep_params: bool) -> list[ValidReply]:
-    """The replies fit to aggregate; the others go into ``record.failed`` / ``rejected``."""
+                         mapping: dict[int, int], keep_params: bool, *,
+                         base: dict[str, np.ndarray] | None = None,
+                         check_finite: bool = True) -> list[ValidReply]:
+    """The replies fit to aggregate; the others go into ``record.failed`` / ``rejected``.
+
+    ``base``: the round's global params at the wire dtypes (:func:`payload.wire_flat`);
+    given, row-sparse replies are accepted. ``check_finite=False``: NaN / inf are left for
+    :func:`finite_mean` to find (it reads the average, not every reply).
+    """
     valid = []
     spec = payload_spec(template)
     for msg in replies:
@@ -181,34 +200,49 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
                 raise PayloadError(f"num-examples must be a positive integer, got {n!r}")
             if not isinstance(loss, (int, float)) or loss != loss or abs(loss) == float("inf"):
                 raise PayloadError(f"train_loss must be a finite number, got {loss!r}")
-            arrays = read_arrayrecord(content[ARRAYS], template, spec=spec)
+            arrays = read_arrayrecord(content[ARRAYS], template, spec=spec,
+                                      row_sparse=base is not None, check_finite=check_finite)
         except PayloadError as e:
-            record.rejected.append({"client_id": who, "reason": str(e)})
-            log.warning("round %d: rejected the update of client %s: %s", record.round, who, e)
+            _reject(record, who, str(e))
             continue
-        valid.append(ValidReply(msg, n, arrays))
-        record.clients.append(ClientResult(
-            client_id=who, num_examples=n, train_loss=float(loss),
-            examples_seen=int(metrics.get("examples_seen", 0)),
-            steps=int(metrics.get("local_steps", 0))))
+        result = ClientResult(client_id=who, num_examples=n, train_loss=float(loss),
+                              examples_seen=int(metrics.get("examples_seen", 0)),
+                              steps=int(metrics.get("local_steps", 0)))
+        valid.append(ValidReply(msg, n, arrays, result))
+        record.clients.append(result)
         if keep_params:
+            dense = {k: v.dense(base[k]) if isinstance(v, RowUpdate) else v
+                     for k, v in arrays.items()}
             record.client_params = record.client_params or {}
-            record.client_params[who] = flatten_params(unflatten_params(arrays, template,
-                                                                        cast=True))
+            record.client_params[who] = flatten_params(tree_from_flat(dense, template))
     return valid
 
 
-def weighted_mean(replies: list[ValidReply]) -> dict[str, np.ndarray]:
+def _reject(record: RoundRecord, who: Any, reason: str) -> None:
+    record.rejected.append({"client_id": who, "reason": reason})
+    log.warning("round %d: rejected the update of client %s: %s", record.round, who, reason)
+
+
+def weighted_mean(replies: list[ValidReply], base: dict[str, np.ndarray] | None = None
+                  ) -> dict[str, np.ndarray]:
     """FedAvg's average, sum_k (n_k / sum n) w_k, over screened replies.
 
     The same arithmetic as Flower's ``aggregate_arrayrecords`` (float64 weights, products
     and sums at the arrays' dtype, in reply order: the results are bitwise equal), but on
     the arrays screening already read, in place, without decoding every reply again.
+    A leaf that some reply sent row-sparse is averaged as base + sum_k f_k (w_k - base),
+    which reads only the rows sent (the rows nobody changed stay exactly ``base``).
     """
     total = float(sum(r.num_examples for r in replies))
     factors = [r.num_examples / total for r in replies]
     out = {}
     for key, first in replies[0].arrays.items():
+        entries = [r.arrays[key] for r in replies]
+        if any(isinstance(e, RowUpdate) for e in entries):
+            if base is None:
+                raise PayloadError(f"{key!r} was sent row-sparse but no base params were given")
+            out[key] = _row_sparse_mean(entries, factors, base[key])
+            continue
         if not np.issubdtype(first.dtype, np.inexact):  # as Flower: promoted to float64
             out[key] = sum(r.arrays[key] * f for r, f in zip(replies, factors, strict=True))
             continue
@@ -217,6 +251,51 @@ def weighted_mean(replies: list[ValidReply]) -> dict[str, np.ndarray]:
         for reply, factor in zip(replies[1:], factors[1:], strict=True):
             acc += np.multiply(reply.arrays[key], acc.dtype.type(factor), out=scratch)
         out[key] = acc
+    return out
+
+
+def _row_sparse_mean(entries: list[Any], factors: list[float], base: np.ndarray) -> np.ndarray:
+    acc = np.array(base)
+    for entry, factor in zip(entries, factors, strict=True):
+        f = acc.dtype.type(factor)
+        if isinstance(entry, RowUpdate):
+            acc[entry.rows] += (entry.values - base[entry.rows]) * f
+        else:
+            acc += (entry - base) * f
+    return acc
+
+
+def finite_mean(valid: list[ValidReply], record: RoundRecord, base: dict[str, np.ndarray],
+                min_clients: int) -> dict[str, np.ndarray] | None:
+    """:func:`weighted_mean` of replies screened without the NaN / inf check.
+
+    A non-finite value in any reply makes the average non-finite (every weight is > 0), so
+    the replies are read one by one only then: those holding NaN / inf are rejected (and
+    leave ``record.clients``) and the rest averaged again. The common case reads each reply
+    once instead of twice. None (noted in ``record``) if fewer than ``min_clients`` remain
+    or the average itself overflows.
+    """
+    out = weighted_mean(valid, base)
+    if non_finite_key(out) is None:
+        return out
+    good = []
+    for reply in valid:
+        if (key := non_finite_key(reply.arrays)) is None:
+            good.append(reply)
+            continue
+        who = reply.result.client_id if reply.result is not None else "?"
+        _reject(record, who, f"payload key {key!r} holds non-finite values (NaN or inf); "
+                             "the sender diverged")
+        record.clients = [c for c in record.clients if c is not reply.result]
+        if record.client_params:
+            record.client_params.pop(who, None)
+    out = weighted_mean(good, base) if len(good) >= min_clients and good else None
+    if out is None or non_finite_key(out) is not None:
+        record.note = ((f"only {len(good)} valid updates, fewer than min_clients={min_clients}"
+                        if out is None else "the average of finite updates overflowed")
+                       + ": the global params were kept")
+        log.warning("round %d: %s", record.round, record.note)
+        return None
     return out
 
 
@@ -237,13 +316,14 @@ def screen_eval_replies(replies: list[Message], record: RoundRecord,
 
 
 def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
-                      record: RoundRecord) -> dict[str, np.ndarray] | None:
+                      record: RoundRecord, *, base: dict[str, np.ndarray] | None = None,
+                      min_clients: int = 1) -> dict[str, np.ndarray] | None:
     """The round's aggregate as ``{path: array}``, or None (noted in ``record``) when the
     strategy cannot aggregate. FedAvg and FedProx average the screened arrays directly
-    (:func:`weighted_mean`, bitwise what Flower computes); the other strategies and the DP
-    wrapper run Flower's ``aggregate_train`` on the messages."""
-    if type(strategy) in (flwr_strategy.FedAvg, flwr_strategy.FedProx):
-        return weighted_mean(valid)
+    (:func:`finite_mean`; dense replies: bitwise what Flower computes); the other
+    strategies and the DP wrapper run Flower's ``aggregate_train`` on the messages."""
+    if averages_itself(strategy):
+        return finite_mean(valid, record, base, min_clients)
     try:
         aggregated, _ = strategy.aggregate_train(server_round, [v.message for v in valid])
     except (AggregationError, InconsistentMessageReplies) as e:
@@ -284,22 +364,27 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
         for r in range(done + 1, c.rounds + 1):
             start = time.perf_counter()
             record = RoundRecord(round=r)
+            sparse = averages_itself(strategy)  # row-sparse replies, NaN check on the mean
+            train_config = {"local-steps": c.local_steps, "row-sparse": sparse,
+                            **run.message_config}
             messages = with_extras(strategy.configure_train(
-                r, to_arrayrecord(params),
-                ConfigRecord({"local-steps": c.local_steps, **run.message_config}), grid), run)
+                r, to_arrayrecord(params), ConfigRecord(train_config), grid), run)
             replies = list(grid.send_and_receive(messages, timeout=task.round_timeout))
+            base = wire_flat(params) if sparse else None
             valid = screen_train_replies(replies, template, record, run.node_to_client,
-                                         run.record_client_params)
+                                         run.record_client_params, base=base,
+                                         check_finite=not sparse)
             aggregated = None
             if len(valid) >= c.min_clients:
-                aggregated = aggregate_replies(strategy, r, valid, record)
+                aggregated = aggregate_replies(strategy, r, valid, record, base=base,
+                                               min_clients=c.min_clients)
             else:
                 record.note = (f"only {len(valid)} valid updates, fewer than min_clients="
                                f"{c.min_clients}: the global params were kept")
                 log.warning("round %d: %s", r, record.note)
             if aggregated is not None:
                 # Flower's adaptive strategies compute in float64: back to the model's dtypes
-                params = unflatten_params(aggregated, template, cast=True)
+                params = unflatten_params(aggregated, template, cast=True, copy=False)
                 record.aggregated = True
             if server is not None and inner.m_t is not None:
                 server = {"m": unflatten_params(inner.m_t, template, cast=True),

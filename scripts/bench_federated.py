@@ -8,7 +8,9 @@ What is measured:
    ClientApp call:
        server serialize    payload.to_arrayrecord(global params)
        client deserialize  payload.from_arrayrecord(global record)  (validates it)
-       client training     FederatedTask.client_update (local_steps steps, compiled before)
+       client training     FederatedTask.client_update (local_steps steps, compiled before;
+                           every client trains once, the median is the round's time and
+                           the server reads their distinct replies)
        client serialize    payload.to_arrayrecord(client params, base=received): a large
                            matrix's changed rows only (row-sparse, exact)
        wire encoding       Array.deflate of every array (what a deployed transport sends)
@@ -311,15 +313,18 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     params, metrics = task.client_update(0, global_params, 1)
     jax.block_until_ready(params)
     first_round_s = time.perf_counter() - start
-    log(f"{name}: first client round {first_round_s:.1f}s (compile included); timing "
-        f"{repeat} client rounds of {steps} steps ...")
-    client_s = []
-    for i in range(repeat):
+    log(f"{name}: first client round {first_round_s:.1f}s (compile included); the "
+        f"{clients} clients' rounds of {steps} steps ...")
+    # every client's own update (distinct replies: the server reads 8 buffers, not one 8x)
+    client_s, updates = [], []
+    for c in range(clients):
         start = time.perf_counter()
-        params, metrics = task.client_update(i % task.config.num_clients, global_params, 2)
+        params, metrics = task.client_update(c % task.config.num_clients, global_params, 2)
         jax.block_until_ready(params)
         client_s.append(time.perf_counter() - start)
-    log(f"{name}: client round {med(client_s):.3f}s (median of {client_s})")
+        updates.append((params, metrics))
+    log(f"{name}: client round {med(client_s):.3f}s (median of {len(client_s)})")
+    params, metrics = updates[0]
 
     # what the ServerApp and ClientApp call in a FedAvg round (server.serve, client.handle_train)
     record_down, server_ser = timed(lambda: to_arrayrecord(global_params), repeat)
@@ -329,11 +334,11 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     _, wire_encode = timed(lambda: [a.deflate() for a in record_up.values()], repeat)
     wire_bytes = sum(len(a.deflate()) for a in record_up.values())
 
-    def replies_of(record: Any) -> list:
-        return [reply_message(record, node + 1, int(metrics["num_examples"]),
-                              float(metrics["train_loss"])) for node in range(clients)]
+    def replies_of(base: Any) -> list:
+        return [reply_message(to_arrayrecord(p, base=base), node + 1, int(m["num_examples"]),
+                              float(m["train_loss"])) for node, (p, m) in enumerate(updates)]
 
-    replies = replies_of(record_up)
+    replies = replies_of(received)
     strategy = make_strategy("fedavg", StrategyOptions(), min_clients=2, evaluate=False)
 
     def screen():  # the base (global params at the wire dtypes) is built once per round
@@ -354,7 +359,7 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     # the same round as before row-sparse uploads and the check on the average: whole
     # uploads, every reply checked for NaN, Flower-bitwise mean, a copy out of the mean
     record_dense, client_ser_dense = timed(lambda: to_arrayrecord(params), repeat)
-    dense_replies = replies_of(record_dense)
+    dense_replies = replies_of(None)
     valid_dense, screen_dense = timed(lambda: screen_train_replies(
         dense_replies, template, RoundRecord(round=2), {}, False), repeat)
     aggregated_dense, aggregate_dense = timed(lambda: weighted_mean(valid_dense), repeat)
@@ -386,7 +391,7 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     serial_overhead = (pieces["server_serialize_s"] + clients * (
         pieces["client_deserialize_s"] + pieces["client_serialize_s"] + pieces["wire_encode_s"])
         + pieces["server_screen_all_s"] + pieces["aggregate_s"] + pieces["final_deserialize_s"])
-    upload = int(record_up.count_bytes())
+    upload = int(med([r.content["arrays"].count_bytes() for r in replies]))
     download = int(record_down.count_bytes())
     result = {
         "name": name, "clients": clients, "local_steps": steps,

@@ -34,6 +34,7 @@ from .history import ClientResult, RoundRecord, open_run
 from .payload import (
     RowUpdate,
     flatten_params,
+    map_arrays,
     non_finite_key,
     payload_spec,
     read_arrayrecord,
@@ -235,23 +236,24 @@ def weighted_mean(replies: list[ValidReply], base: dict[str, np.ndarray] | None 
     """
     total = float(sum(r.num_examples for r in replies))
     factors = [r.num_examples / total for r in replies]
-    out = {}
-    for key, first in replies[0].arrays.items():
+    keys = list(replies[0].arrays)
+
+    def mean(key: str) -> np.ndarray:
         entries = [r.arrays[key] for r in replies]
         if any(isinstance(e, RowUpdate) for e in entries):
             if base is None:
                 raise PayloadError(f"{key!r} was sent row-sparse but no base params were given")
-            out[key] = _row_sparse_mean(entries, factors, base[key])
-            continue
-        if not np.issubdtype(first.dtype, np.inexact):  # as Flower: promoted to float64
-            out[key] = sum(r.arrays[key] * f for r, f in zip(replies, factors, strict=True))
-            continue
-        acc = np.multiply(first, first.dtype.type(factors[0]))
+            return _row_sparse_mean(entries, factors, base[key])
+        if not np.issubdtype(entries[0].dtype, np.inexact):  # as Flower: promoted to float64
+            return sum(e * f for e, f in zip(entries, factors, strict=True))
+        acc = np.multiply(entries[0], entries[0].dtype.type(factors[0]))
         scratch = np.empty_like(acc)
-        for reply, factor in zip(replies[1:], factors[1:], strict=True):
-            acc += np.multiply(reply.arrays[key], acc.dtype.type(factor), out=scratch)
-        out[key] = acc
-    return out
+        for entry, factor in zip(entries[1:], factors[1:], strict=True):
+            acc += np.multiply(entry, acc.dtype.type(factor), out=scratch)
+        return acc
+
+    # memory-bound numpy: leaves in parallel (each leaf's arithmetic is unchanged)
+    return dict(zip(keys, map_arrays(mean, keys), strict=True))
 
 
 def _row_sparse_mean(entries: list[Any], factors: list[float], base: np.ndarray) -> np.ndarray:
@@ -361,14 +363,16 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
     try:
         if done < c.rounds:
             run.node_to_client = identify(grid, c.num_clients, run.connect_timeout)
+        down = None  # the global params as sent: serialized once for evaluate and next train
         for r in range(done + 1, c.rounds + 1):
             start = time.perf_counter()
             record = RoundRecord(round=r)
             sparse = averages_itself(strategy)  # row-sparse replies, NaN check on the mean
             train_config = {"local-steps": c.local_steps, "row-sparse": sparse,
                             **run.message_config}
+            down = down if down is not None else to_arrayrecord(params)
             messages = with_extras(strategy.configure_train(
-                r, to_arrayrecord(params), ConfigRecord(train_config), grid), run)
+                r, down, ConfigRecord(train_config), grid), run)
             replies = list(grid.send_and_receive(messages, timeout=task.round_timeout))
             base = wire_flat(params) if sparse else None
             valid = screen_train_replies(replies, template, record, run.node_to_client,
@@ -385,14 +389,14 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
             if aggregated is not None:
                 # Flower's adaptive strategies compute in float64: back to the model's dtypes
                 params = unflatten_params(aggregated, template, cast=True, copy=False)
-                record.aggregated = True
+                record.aggregated, down = True, None
             if server is not None and inner.m_t is not None:
                 server = {"m": unflatten_params(inner.m_t, template, cast=True),
                           "v": unflatten_params(inner.v_t, template, cast=True)}
             if task.has_eval:
+                down = down if down is not None else to_arrayrecord(params)
                 messages = with_extras(strategy.configure_evaluate(
-                    r, to_arrayrecord(params), ConfigRecord(dict(run.message_config)), grid),
-                    run)
+                    r, down, ConfigRecord(dict(run.message_config)), grid), run)
                 screen_eval_replies(list(grid.send_and_receive(
                     messages, timeout=task.round_timeout)), record, run.node_to_client)
             record.seconds = time.perf_counter() - start

@@ -101,13 +101,14 @@ class RALTConfig:
     max_length: int = 384  # prompt + response tokens; the passage is truncated to fit
     weighting: Literal["uniform", "retrieval"] = "uniform"  # instance weights: 1 or P_R(d|x)
     top_k: int | None = None  # passages per query in training (default: retrieval.top_k)
-    # Sequence packing (centralized training): a step's instances share a few rows, each
+    # Sequence packing (centralized and federated): a step's instances share a few rows, each
     # attending only within its own segment with RoPE positions from 0, instead of one
     # left-padded row each: the same loss and gradients on fewer padded tokens. The prompt
     # prefix every instance shares (the template's text before the passage) runs once per
     # micro-batch. On by default: scripts/bench_finetune.py (8 x ~240 tokens a step) measured
     # 1.3x the real tokens/s of the padded step without the shared prefix, 57% instead of 43%
-    # of the CPU's fp32 matmul peak. Federated RALT is not packed.
+    # of the CPU's fp32 matmul peak. Federated clients pack alike (rows, prefix); the SPMD
+    # engine gives a step's batches the longest row length among its clients'.
     pack: bool = True  # pack each step's instances into pack_rows rows of one length bucket
     # rows per step: a multiple of micro_batches x data-parallel devices
     pack_rows: int | None = None  # rows of a packed step (null: about 2 instances a row)

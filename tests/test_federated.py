@@ -38,6 +38,7 @@ from fedrag_jax.federated import (
 from fedrag_jax.federated.aggregate import ServerOptimizer, aggregate
 from fedrag_jax.federated.client import make_client_app
 from fedrag_jax.federated.history import RoundRecord, open_run
+from fedrag_jax.federated.local import client_batches, position
 from fedrag_jax.federated.payload import RowUpdate, read_arrayrecord, wire_flat
 from fedrag_jax.federated.server import (
     ServerRun,
@@ -943,7 +944,7 @@ def test_secagg_settings_are_checked():
 
 
 # --- per-client knowledge stores through the manager (fed.client_stores) ----------------------
-def shard_manager(tmp_path, client_stores: str, engine: str = "spmd"):
+def shard_manager(tmp_path, client_stores: str, engine: str = "spmd", *extra: str):
     """A manager on tiny models: 24 passages in 4 topics, 12 records naming a gold passage."""
     from fedrag_jax.config import load_config
     from fedrag_jax.finetune.manager import FinetuneManager
@@ -971,7 +972,7 @@ def shard_manager(tmp_path, client_stores: str, engine: str = "spmd"):
         "ralt.lora_rank=2", "ralt.max_length=128", "retrieval.top_k=3",
         "retrieval.max_context_tokens=64", "fed.num_clients=2", "fed.rounds=2",
         "fed.local_steps=2", "fed.partition=topic", "fed.min_clients=2",
-        f"fed.client_stores={client_stores}", f"fed.engine={engine}"])
+        f"fed.client_stores={client_stores}", f"fed.engine={engine}", *extra])
     rag = RAGSystem(retriever, store, generator,
                     RAGConfig(top_k=3, prompt_template="w4 {context} w5 {query} w6"))
     return FinetuneManager(rag, records, [], config, mesh=make_mesh(None, jax.devices()[:1]))
@@ -1031,17 +1032,67 @@ def test_partition_stores_ralt_prompts_hold_the_clients_passages(sharded):
         passages = [tok(n.text, add_special_tokens=False)["input_ids"]
                     for n in stores[c].get(stores[c].node_ids())]
         seen = 0
+        assert data.pack_rows  # ralt.pack: federated clients pack too
         for index in range(len(data)):
             batch = data.batch_at(0, index)
-            for row, mask, w in zip(batch["input_ids"], batch["attention_mask"],
-                                    batch["weights"], strict=True):
+            for i, w in enumerate(batch["weights"]):
                 if w == 0:
                     continue
-                ids = " ".join(map(str, row[mask.astype(bool)]))
+                ids = " ".join(map(str, packed_instance(batch, i)))
                 assert any(" ".join(map(str, p)) in ids for p in passages)
                 seen += 1
         assert seen == 3 * data.n  # top-3 instances per record
-    stack_batches([d.batch_at(0, 0) for d in task.client_data])  # SPMD: one shape
+    stack_batches(client_batches(task.client_data, 0))  # SPMD: one shape
+
+
+def packed_instance(batch: dict, i: int) -> np.ndarray:
+    """Instance ``i`` of a packed RALT batch: the shared prefix, then its segment's tokens."""
+    row = batch["instance_row"][i]
+    segment = batch["segment_ids"][row, batch["target_index"][i, 0]]
+    own = batch["input_ids"][row][batch["segment_ids"][row] == segment]
+    return np.concatenate([batch.get("prefix_ids", np.zeros(0, np.int32)), own])
+
+
+@pytest.fixture(scope="module")
+def ralt_tasks(tmp_path_factory):
+    """Federated RALT on per-client shards, packed (the default) and not."""
+    packed = shard_manager(tmp_path_factory.mktemp("ralt-packed"), "partition")
+    plain = shard_manager(tmp_path_factory.mktemp("ralt-plain"), "partition", "spmd",
+                          "ralt.pack=false")
+    return packed.get_federated_task("ralt"), plain.get_federated_task("ralt")
+
+
+def test_packed_federated_ralt_lines_up_the_clients_batches(ralt_tasks):
+    packed, _ = ralt_tasks
+    data = packed.client_data
+    assert data[0].prefix_length == data[1].prefix_length > 0  # one shared prefix
+    lengths = set()
+    for pos in range(4):
+        alone = [d.batch_at(*position(d, pos))["input_ids"].shape[1] for d in data]
+        batches = client_batches(data, pos)
+        assert {b["input_ids"].shape for b in batches} == {batches[0]["input_ids"].shape}
+        assert batches[0]["input_ids"].shape[1] == max(alone)
+        lengths.update(alone)
+        for d, b in zip(data, batches, strict=True):  # the same instances, padded rows
+            own = d.batch_at(*position(d, pos))
+            for i in range(len(b["weights"])):
+                np.testing.assert_array_equal(packed_instance(b, i), packed_instance(own, i))
+    assert len(lengths) > 1  # the clients' own lengths differ somewhere: the longest wins
+
+
+def test_packed_federated_ralt_equals_unpacked_on_both_engines(ralt_tasks, task_identity):
+    packed, plain = ralt_tasks
+    spmd = packed.run_spmd(devices=jax.devices()[:2])
+    reference = plain.run_spmd(devices=jax.devices()[:2])
+    flower = serve(LocalGrid(make_client_app(packed), 2), packed, ServerRun())
+    initial = flatten_params(packed.initial_params())
+    final = flatten_params(spmd.params)
+    assert max(float(np.abs(final[k] - initial[k]).max()) for k in final) > 1e-4  # it trained
+    assert_close(final, flatten_params(reference.params))
+    assert_close(final, flatten_params(flower.params))
+    for a, b, c in zip(spmd.history, reference.history, flower.history, strict=True):
+        assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+        assert a.losses() == pytest.approx(c.losses(), rel=1e-4)
 
 
 def test_partition_stores_spmd_equals_flower(sharded, task_identity):

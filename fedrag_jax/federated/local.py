@@ -33,6 +33,18 @@ def position(data: BatchSource, pos: int) -> tuple[int, int]:
     return divmod(int(pos), len(data))
 
 
+def client_batches(datasets: Sequence[BatchSource], pos: int) -> list[dict[str, np.ndarray]]:
+    """Every client's batch at data position ``pos``, in one shape (the SPMD simulator stacks
+    them): packed RALT batches all take the longest row length among the clients' (the
+    extra slots are row-end padding, which changes no loss or gradient)."""
+    at = [position(d, pos) for d in datasets]
+    packed = [d.packed_length(*p) for d, p in zip(datasets, at, strict=True)
+              if getattr(d, "pack_rows", None)]
+    if not packed:
+        return [d.batch_at(*p) for d, p in zip(datasets, at, strict=True)]
+    return [d.batch_at(*p, length=max(packed)) for d, p in zip(datasets, at, strict=True)]
+
+
 def real_examples(batch: dict[str, Any]) -> int:
     """Examples in a batch that are not padding."""
     if "example_mask" in batch:

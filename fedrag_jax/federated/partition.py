@@ -105,7 +105,9 @@ def split_dataset(dataset: Any, records: Sequence[Mapping[str, Any]], config: An
 
 def subset(dataset: Any, indices: np.ndarray) -> Any:
     """A client's share of a built dataset: the same arrays at ``indices``, same batch size,
-    seed and (RALT) target length, so every client's batches have one shape."""
+    seed and (RALT) target length and packing (rows, shared prefix length), so every
+    client's batches have one shape (packed: up to the row length, see
+    ``local.client_batches``)."""
     idx = np.asarray(indices, np.int64)
     if idx.size == 0:
         raise DataError("a client received no training records; change the partition")
@@ -119,6 +121,9 @@ def subset(dataset: Any, indices: np.ndarray) -> Any:
                           pad_id=dataset.pad_id, buckets=dataset.buckets, seed=dataset.seed,
                           shuffle=dataset.shuffle)
         sub.target_length = dataset.target_length
+        if dataset.pack_rows:
+            sub.pack(dataset.pack_rows, dataset.pack_groups,
+                     prefix_length=dataset.prefix_length)
         return sub
     raise DataError(f"cannot take a subset of a {type(dataset).__name__}; pass per-client "
                     "datasets yourself (anything with __len__ and batch_at(epoch, index))")

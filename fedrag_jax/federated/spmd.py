@@ -30,10 +30,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import MeshError
 from ..finetune.steps import state_shardings
-from ..sharding import DEFAULT_RULES, MESH_AXES, LogicalRules, MeshConfig, named_sharding
+from ..sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    SHARED_BATCH_KEYS,
+    LogicalRules,
+    MeshConfig,
+    named_sharding,
+)
 from .aggregate import ServerOptimizer, aggregate
 from .history import ClientResult, FederatedResult, RoundRecord, open_run
-from .local import dataset_size, position, real_examples, stack_batches, task_loss
+from .local import client_batches, dataset_size, real_examples, stack_batches, task_loss
 from .payload import flatten_params
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,11 @@ class SpmdSimulator:
         return NamedSharding(self.mesh, PartitionSpec(CLIENTS, *inner.spec))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.device_put(v, self.batch_sharding(np.shape(v))) for k, v in batch.items()}
+        """[clients, ...] arrays on the clients' slices; a shared entry (a packed batch's
+        ``prefix_ids``) is whole on each of its client's devices."""
+        return {k: jax.device_put(v, NamedSharding(self.mesh, PartitionSpec(CLIENTS))
+                                  if k in SHARED_BATCH_KEYS else self.batch_sharding(np.shape(v)))
+                for k, v in batch.items()}
 
     # --- the compiled pieces -----------------------------------------------------------------
     def _build(self) -> None:
@@ -200,7 +211,7 @@ class SpmdSimulator:
                 anchor = params if mu else None
                 losses, seen = [], np.zeros(self.num_clients, np.int64)
                 for t in range(c.local_steps):
-                    batches = [d.batch_at(*position(d, first + t)) for d in task.client_data]
+                    batches = client_batches(task.client_data, first + t)
                     seen += [real_examples(b) for b in batches]
                     stacked, metrics = vstep(stacked, self.frozen,
                                              self.put_batch(stack_batches(batches)), anchor)

@@ -143,17 +143,17 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def packed_layout(lengths: Sequence[int], rows: int, buckets: Sequence[int],
-                  groups: int = 1) -> tuple[int, list[list[int]]]:
-    """The row length (the smallest bucket that fits) and each group's rows, when the
-    sequences of ``groups`` equal consecutive groups go first-fit decreasing into ``rows /
-    groups`` rows each."""
+                  groups: int = 1, min_length: int = 0) -> tuple[int, list[list[int]]]:
+    """The row length (the smallest bucket that fits, and at least ``min_length``) and each
+    group's rows, when the sequences of ``groups`` equal consecutive groups go first-fit
+    decreasing into ``rows / groups`` rows each."""
     n = len(lengths)
     if rows % groups or n % groups:
         raise DataError(f"{n} sequences in {rows} packed rows cannot form {groups} equal "
                         "micro-batches; make rows and sequences multiples of micro_batches")
     per_group, rows_per_group = n // groups, rows // groups
     group_lengths = [list(lengths[g * per_group:(g + 1) * per_group]) for g in range(groups)]
-    length = bucket_length(max(max(lengths), max(
+    length = bucket_length(max(min_length, max(lengths), max(
         -(-sum(x) // rows_per_group) for x in group_lengths)), buckets)
     while True:
         placed = [first_fit_decreasing(x, rows_per_group, length) for x in group_lengths]
@@ -165,8 +165,9 @@ def packed_layout(lengths: Sequence[int], rows: int, buckets: Sequence[int],
 def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
                          rows: int, buckets: Sequence[int], pad_id: int,
                          target_length: int | None = None, groups: int = 1,
-                         prefix_length: int = 0):
-    """prompt+target sequences packed into ``rows`` rows of one length bucket.
+                         prefix_length: int = 0, min_length: int = 0):
+    """prompt+target sequences packed into ``rows`` rows of one length bucket (at least
+    ``min_length``: several clients' batches stacked into one shape).
 
     The sequences are split into ``groups`` equal consecutive groups (the micro-batches of
     the step) and each group is packed into its own ``rows / groups`` rows, so that a
@@ -187,7 +188,7 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
         raise DataError(f"the prompts do not all begin with the same {p} tokens and go on")
     seqs = [list(x[p:]) + list(t) for x, t in zip(prompts, targets, strict=True)]
     lengths = [len(x) for x in seqs]
-    length, placed = packed_layout(lengths, rows, buckets, groups)
+    length, placed = packed_layout(lengths, rows, buckets, groups, min_length)
     per_group, rows_per_group = n // groups, rows // groups
     ids = np.full((rows, length), pad_id, np.int32)
     segments = np.zeros((rows, length), np.int32)
@@ -354,24 +355,40 @@ class RALTDataset(_Epochs):
         self.pack_groups = 1
         self.prefix_length = 0
 
-    def pack(self, rows: int, micro_batches: int = 1, *, share_prefix: bool = True
-             ) -> RALTDataset:
+    def pack(self, rows: int, micro_batches: int = 1, *, share_prefix: bool = True,
+             prefix_length: int | None = None) -> RALTDataset:
         """Serve packed batches: each step's instances in ``rows`` rows (a multiple of
         ``micro_batches``; each micro-batch's instances packed into its own rows).
 
         ``share_prefix``: the tokens every prompt of the dataset begins with (the template's
         instructions before the passage) leave the rows and run once per micro-batch
         (``prefix_ids``; the same loss and gradients: the prefix's activations are the same
-        in every instance). One length for the whole dataset: steps share one shape."""
+        in every instance). One length for the whole dataset: steps share one shape.
+        ``prefix_length``: share this many tokens instead (at most the common prefix; the
+        clients of a federation share one, see :meth:`shared_prefix_length`)."""
         if rows < 1 or rows % micro_batches:
             raise DataError(f"pack rows={rows} must be a positive multiple of "
                             f"micro_batches={micro_batches}")
+        common = self.shared_prefix_length() if share_prefix else 0
+        if prefix_length is not None and not 0 <= prefix_length <= common:
+            raise DataError(f"prefix_length={prefix_length}: this dataset's prompts share "
+                            f"{common} leading tokens (each keeping one of its own)")
         self.pack_rows, self.pack_groups = rows, micro_batches
-        prompts = [p for ps in self.prompts for p in ps]
-        self.prefix_length = (max(0, min(common_prefix_length(prompts),
-                                         min(len(p) for p in prompts) - 1))
-                              if share_prefix else 0)
+        self.prefix_length = common if prefix_length is None else prefix_length
         return self
+
+    def shared_prefix_length(self) -> int:
+        """How many leading tokens every prompt shares, each prompt keeping one of its own
+        (it predicts the first target token)."""
+        prompts = [p for ps in self.prompts for p in ps]
+        return max(0, min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1))
+
+    def packed_length(self, epoch: int, index: int) -> int:
+        """The row length :meth:`batch_at` packs batch ``index`` of ``epoch`` into."""
+        rows, _ = self.indices(epoch, index)
+        p = self.prefix_length
+        lengths = [len(x) - p + len(self.targets[i]) for i in rows for x in self.prompts[i]]
+        return packed_layout(lengths, self.pack_rows, self.buckets, self.pack_groups)[0]
 
     def fix_length(self) -> RALTDataset:
         """One sequence length for every batch (the bucket of the longest instance): what a
@@ -381,14 +398,15 @@ class RALTDataset(_Epochs):
         self.buckets = (bucket_length(longest, self.buckets),)
         return self
 
-    def batch_at(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+    def batch_at(self, epoch: int, index: int, length: int = 0) -> dict[str, np.ndarray]:
+        """Batch ``index`` of ``epoch``; packed, its rows at least ``length`` long."""
         rows, valid = self.indices(epoch, index)
         prompts = [p for i in rows for p in self.prompts[i]]
         targets = [self.targets[i] for i in rows for _ in self.prompts[i]]
         if self.pack_rows:
             batch = packed_target_arrays(prompts, targets, self.pack_rows, self.buckets,
                                          self.pad_id, self.target_length, self.pack_groups,
-                                         self.prefix_length)
+                                         self.prefix_length, length)
             if not self.prefix_length:  # every row holds whole sequences
                 del batch["prefix_ids"]
         else:

@@ -455,9 +455,10 @@ class FinetuneManager:
             if method == "lsr":
                 full = self.lsr_dataset(self.train_records)  # LM-score once, then split
             else:
-                full = self.ralt_dataset(self.train_records)  # unpacked: ralt.pack is
-                # centralized (federated/partition.subset copies no packing)
-                if c.fed.engine == "spmd":  # clients' batches are stacked: one shape for all
+                full = self.ralt_dataset(self.train_records)
+                if c.ralt.pack:  # the clients' subsets pack alike (rows, shared prefix)
+                    self.pack_federated([full])
+                elif c.fed.engine == "spmd":  # clients' batches are stacked: one shape
                     full.fix_length()
             clients = [subset(full, p) for p in parts]
         else:  # every client retrieves from its own shard
@@ -518,12 +519,24 @@ class FinetuneManager:
             return datasets
         datasets = [self.ralt_dataset(r, store=s) for r, s in zip(records, stores, strict=True)]
         target = max(d.target_length for d in datasets)
-        fixed = self.config.fed.engine == "spmd"
-        buckets = max(d.fix_length().buckets for d in datasets) if fixed else None
         for d in datasets:
             d.target_length = target
-            if buckets is not None:
+        if self.config.ralt.pack:  # packed batches line up per step (local.client_batches)
+            return self.pack_federated(datasets)
+        if self.config.fed.engine == "spmd":
+            buckets = max(d.fix_length().buckets for d in datasets)
+            for d in datasets:
                 d.buckets = buckets
+        return datasets
+
+    def pack_federated(self, datasets: list) -> list:
+        """Pack the clients' RALT datasets alike: the same rows per step (a federated client
+        step is one micro-batch) and one shared prompt prefix, the shortest of theirs."""
+        instances = datasets[0].batch_size * len(datasets[0].prompts[0])
+        rows = self.pack_rows(instances)
+        prefix = min(d.shared_prefix_length() for d in datasets)
+        for d in datasets:
+            d.pack(rows, 1, prefix_length=prefix)
         return datasets
 
     def _federated_task(self, method: str, clients: list, evals: list | None = None):

@@ -142,7 +142,8 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 def map_arrays(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """``[fn(x) for x in items]``, on a few threads. A round's array work (NaN checks, the
     weighted mean) is memory-bound numpy that releases the GIL, so a second core nearly
-    halves it (the results are the same: each item is still one thread's work)."""
+    halves it (the results are the same: each item is still one thread's work). ``fn``
+    must not call map_arrays itself (the pool's threads would wait on each other)."""
     global _POOL
     cores = os.cpu_count() or 1
     if len(items) < 2 or cores < 2:

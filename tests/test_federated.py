@@ -35,11 +35,12 @@ from fedrag_jax.federated import (
     subset,
     to_arrayrecord,
 )
+from fedrag_jax.federated import payload as payload_module
 from fedrag_jax.federated.aggregate import ServerOptimizer, aggregate
 from fedrag_jax.federated.client import make_client_app
 from fedrag_jax.federated.history import RoundRecord, open_run
 from fedrag_jax.federated.local import client_batches, position
-from fedrag_jax.federated.payload import RowUpdate, read_arrayrecord, wire_flat
+from fedrag_jax.federated.payload import RowUpdate, map_arrays, read_arrayrecord, wire_flat
 from fedrag_jax.federated.server import (
     ServerRun,
     aggregate_replies,
@@ -343,9 +344,13 @@ def test_server_rules_match_flower_strategies(name):
         ours = jax.tree.map(jnp.asarray, current)
 
 
-def test_server_weighted_mean_is_bitwise_flowers_fedavg():
+@pytest.mark.parametrize("threads", [False, True])
+def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
     """FedAvg / FedProx average the screened arrays in place; the result must be exactly
-    what Flower's aggregate_train computes from the same messages."""
+    what Flower's aggregate_train computes from the same messages (on one thread or, as
+    for large trainable sets, several)."""
+    if threads:
+        monkeypatch.setattr(payload_module, "_PARALLEL_MIN_BYTES", 0)
     rng = np.random.default_rng(3)
     params = params_template()
     template = flatten_params(params)
@@ -375,6 +380,21 @@ def test_server_weighted_mean_is_bitwise_flowers_fedavg():
     np.testing.assert_array_equal(alone["query_tower/layers/0/value/kernel"],
                                   clients[0]["query_tower/layers/0/value/kernel"])
     assert all(a.flags.writeable for a in alone.values())
+
+
+def test_map_arrays_on_threads_keeps_order_and_errors(monkeypatch):
+    monkeypatch.setattr(payload_module, "_PARALLEL_MIN_BYTES", 0)
+    items = list(range(37))
+    sizes = [(7 * i) % 11 + 1 for i in items]
+    assert map_arrays(lambda x: x * x, items, sizes) == [x * x for x in items]
+
+    def fail(x):
+        if x == 23:
+            raise PayloadError("item 23 is bad")
+        return x
+
+    with pytest.raises(PayloadError, match="item 23"):
+        map_arrays(fail, items, sizes)
 
 
 def test_read_arrayrecord_views_match_numpy_and_refuse_damage():

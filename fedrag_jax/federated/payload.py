@@ -137,28 +137,44 @@ def _non_finite(values: np.ndarray) -> int:
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_PARALLEL_MIN_BYTES = 16 * 2**20  # below this a thread hand-off costs more than it saves
 
 
-def map_arrays(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``[fn(x) for x in items]``, on a few threads. A round's array work (NaN checks, the
-    weighted mean) is memory-bound numpy that releases the GIL, so a second core nearly
-    halves it (the results are the same: each item is still one thread's work). ``fn``
-    must not call map_arrays itself (the pool's threads would wait on each other)."""
+def map_arrays(fn: Callable[[Any], Any], items: list[Any], sizes: list[int]) -> list[Any]:
+    """``[fn(x) for x in items]``, on a few threads when there is enough to do (``sizes``:
+    the bytes each item reads). A round's array work (NaN checks, the weighted mean) is
+    memory-bound numpy that releases the GIL, so a second core nearly halves it; the items
+    go to the threads in a few size-balanced groups (many small LoRA leaves would cost more
+    in hand-offs than they save). The results are the same as one thread's. ``fn`` must not
+    call map_arrays itself (the pool's threads would wait on each other)."""
     global _POOL
-    cores = os.cpu_count() or 1
-    if len(items) < 2 or cores < 2:
+    workers = min(4, os.cpu_count() or 1)
+    if len(items) < 2 or workers < 2 or sum(sizes) < _PARALLEL_MIN_BYTES:
         return [fn(x) for x in items]
     if _POOL is None or _POOL[0] != os.getpid():  # a forked child has no worker threads
-        _POOL = (os.getpid(), ThreadPoolExecutor(min(4, cores),
-                                                 thread_name_prefix="fedrag-payload"))
-    return list(_POOL[1].map(fn, items))
+        _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="fedrag-payload"))
+    groups: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):  # largest first
+        least = loads.index(min(loads))
+        groups[least].append(i)
+        loads[least] += sizes[i]
+    out: list[Any] = [None] * len(items)
+
+    def run(group: list[int]) -> None:
+        for i in group:
+            out[i] = fn(items[i])
+
+    list(_POOL[1].map(run, [g for g in groups if g]))  # re-raises a worker's exception
+    return out
 
 
 def non_finite_key(flat: Mapping[str, Any]) -> str | None:
     """The first key of ``flat`` whose values (or sent rows) are not all finite, or None."""
     keys = list(flat)
     values = [v.values if isinstance(v, RowUpdate) else v for v in flat.values()]
-    for key, bad in zip(keys, map_arrays(_non_finite, values), strict=True):
+    bad_counts = map_arrays(_non_finite, values, [v.nbytes for v in values])
+    for key, bad in zip(keys, bad_counts, strict=True):
         if bad:
             return key
     return None
@@ -189,7 +205,8 @@ def _check_flat(flat: Mapping[str, Any], expected: Mapping[str, tuple[tuple[int,
         return
     keys = list(expected)
     values = [flat[k].values if isinstance(flat[k], RowUpdate) else flat[k] for k in keys]
-    for key, bad in zip(keys, map_arrays(_non_finite, values), strict=True):
+    bad_counts = map_arrays(_non_finite, values, [v.nbytes for v in values])
+    for key, bad in zip(keys, bad_counts, strict=True):
         if bad:
             raise PayloadError(f"payload key {key!r} holds {bad} non-finite values (NaN or "
                                "inf); the sender diverged")

@@ -253,7 +253,9 @@ def weighted_mean(replies: list[ValidReply], base: dict[str, np.ndarray] | None 
         return acc
 
     # memory-bound numpy: leaves in parallel (each leaf's arithmetic is unchanged)
-    return dict(zip(keys, map_arrays(mean, keys), strict=True))
+    first = [e.values if isinstance(e, RowUpdate) else e for e in replies[0].arrays.values()]
+    sizes = [len(replies) * x.nbytes for x in first]
+    return dict(zip(keys, map_arrays(mean, keys, sizes), strict=True))
 
 
 def _row_sparse_mean(entries: list[Any], factors: list[float], base: np.ndarray) -> np.ndarray:

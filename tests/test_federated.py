@@ -677,6 +677,39 @@ def test_flower_fedavg_is_the_weighted_average_of_real_client_updates(flower_fed
     assert losses[1] < losses[0]  # it learns
 
 
+def test_flower_simulation_ships_the_task_to_actors_once():
+    """Ray pickles the ClientApp into every message; inside a simulation the task in it
+    pickles as (token, object ref), its state put into Ray's object store once."""
+    import pickle
+
+    import cloudpickle
+    import ray
+
+    from fedrag_jax.federated.client import _TASKS
+    from fedrag_jax.federated.simulation import _shipped_through_ray
+
+    task = make_task(2, eval_data=False)
+    whole = len(cloudpickle.dumps(make_client_app(task)))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with _shipped_through_ray(task):
+            blobs = [cloudpickle.dumps(make_client_app(task)) for _ in range(3)]
+            assert max(len(b) for b in blobs) < whole / 20
+            received = pickle.loads(blobs[0]).__class__  # a ClientApp
+            app = pickle.loads(blobs[1])
+            assert received is type(app)
+            copy = _TASKS[task.token]  # fetched once from the object store, then kept
+            assert copy is not task and copy.token == task.token
+            pickle.loads(blobs[2])
+            assert _TASKS[task.token] is copy
+            assert_close(flatten_params(copy.initial_params()),
+                         flatten_params(task.initial_params()), atol=0)
+        assert len(cloudpickle.dumps(task)) > whole / 2  # outside a simulation: the state
+    finally:
+        ray.shutdown()
+        _TASKS.pop(task.token, None)
+
+
 def test_flower_checkpoints_every_round(flower_fedavg):
     task, result, checkpoints = flower_fedavg
     ckpt, done, params, server, history = open_run(task, checkpoints, resume=True)

@@ -39,6 +39,21 @@ def _local(task: Any) -> Any:
     return _TASKS.setdefault(task.token, task)
 
 
+def shipped_task(token: str, ref: Any) -> Any:
+    """Unpickle a task sent as (token, Ray object reference): this process's copy if it has
+    one, else fetched from Ray's object store once (simulation.RayShipping)."""
+    task = _TASKS.get(token)
+    if task is None:
+        import ray
+
+        from .task import FederatedTask
+
+        task = FederatedTask.__new__(FederatedTask)
+        task.__dict__.update(ray.get(ref))
+        task = _TASKS.setdefault(token, task)
+    return task
+
+
 def client_id_of(context: Context, num_clients: int) -> int:
     return client_id_of_node(context.node_config, num_clients)
 

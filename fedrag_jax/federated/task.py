@@ -211,4 +211,10 @@ class FederatedTask:
                                      record_client_params=record_client_params, verbose=verbose)
 
     def __getstate__(self) -> dict:  # compiled steps stay in the process that built them
-        return {**self.__dict__, "_steps": {}, "_simulators": {}}
+        return {**self.__dict__, "_steps": {}, "_simulators": {}, "_ray_shipping": None}
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        shipping = self.__dict__.get("_ray_shipping")
+        if shipping is not None:  # inside a Flower simulation: simulation.RayShipping
+            return shipping.reduce(self)
+        return super().__reduce_ex__(protocol)

@@ -682,8 +682,8 @@ def test_flower_simulation_ships_the_task_to_actors_once():
     pickles as (token, object ref), its state put into Ray's object store once."""
     import pickle
 
-    import cloudpickle
     import ray
+    from ray import cloudpickle  # what Ray pickles task arguments with
 
     from fedrag_jax.federated.client import _TASKS
     from fedrag_jax.federated.simulation import _shipped_through_ray
@@ -1133,33 +1133,30 @@ def test_packed_federated_ralt_lines_up_the_clients_batches(ralt_tasks):
     assert len(lengths) > 1  # the clients' own lengths differ somewhere: the longest wins
 
 
-def test_packed_federated_ralt_equals_unpacked_on_both_engines(ralt_tasks, task_identity):
-    packed, plain = ralt_tasks
-    spmd = packed.run_spmd(devices=jax.devices()[:2])
-    reference = plain.run_spmd(devices=jax.devices()[:2])
-    flower = serve(LocalGrid(make_client_app(packed), 2), packed, ServerRun())
-    initial = flatten_params(packed.initial_params())
-    final = flatten_params(spmd.params)
-    assert max(float(np.abs(final[k] - initial[k]).max()) for k in final) > 1e-4  # it trained
-    assert_close(final, flatten_params(reference.params))
-    assert_close(final, flatten_params(flower.params))
-    for a, b, c in zip(spmd.history, reference.history, flower.history, strict=True):
-        assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
-        assert a.losses() == pytest.approx(c.losses(), rel=1e-4)
-
-
-def test_partition_stores_spmd_equals_flower(sharded, task_identity):
-    """FedAvg on per-client shards: the SPMD simulator == the Flower ServerApp loop with the
-    ClientApp's handlers (in process)."""
-    _, _, _, task = sharded
+def assert_engines_agree(task, *others) -> None:
+    """``task`` trains on the SPMD simulator (2 clients x 1 device), and the Flower ServerApp
+    loop with the ClientApp's handlers (in process) and ``others`` (results of other runs)
+    end at the same params and losses."""
     spmd = task.run_spmd(devices=jax.devices()[:2])
     flower = serve(LocalGrid(make_client_app(task), 2), task, ServerRun())
     initial = flatten_params(task.initial_params())
     final = flatten_params(spmd.params)
     assert max(float(np.abs(final[k] - initial[k]).max()) for k in final) > 1e-4  # it trained
-    assert_close(final, flatten_params(flower.params))
-    for a, b in zip(spmd.history, flower.history, strict=True):
-        assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+    for other in (flower, *others):
+        assert_close(final, flatten_params(other.params))
+        for a, b in zip(spmd.history, other.history, strict=True):
+            assert a.losses() == pytest.approx(b.losses(), rel=1e-4)
+
+
+def test_packed_federated_ralt_equals_unpacked_on_both_engines(ralt_tasks, task_identity):
+    packed, plain = ralt_tasks
+    assert_engines_agree(packed, plain.run_spmd(devices=jax.devices()[:2]))
+
+
+def test_partition_stores_spmd_equals_flower(sharded, task_identity):
+    """FedAvg on per-client shards: the SPMD simulator == the Flower ServerApp loop with the
+    ClientApp's handlers (in process)."""
+    assert_engines_agree(sharded[3])
 
 
 def test_shared_stores_are_the_split_of_one_dataset(tmp_path):

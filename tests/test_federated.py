@@ -351,6 +351,7 @@ def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
     for large trainable sets, several)."""
     if threads:
         monkeypatch.setattr(payload_module, "_PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(payload_module, "_PARALLEL_MIN_ITEM", 0)
     rng = np.random.default_rng(3)
     params = params_template()
     template = flatten_params(params)
@@ -384,6 +385,7 @@ def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
 
 def test_map_arrays_on_threads_keeps_order_and_errors(monkeypatch):
     monkeypatch.setattr(payload_module, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(payload_module, "_PARALLEL_MIN_ITEM", 0)
     items = list(range(37))
     sizes = [(7 * i) % 11 + 1 for i in items]
     assert map_arrays(lambda x: x * x, items, sizes) == [x * x for x in items]

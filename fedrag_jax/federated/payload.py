@@ -137,19 +137,22 @@ def _non_finite(values: np.ndarray) -> int:
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-_PARALLEL_MIN_BYTES = 16 * 2**20  # below this a thread hand-off costs more than it saves
+# threads pay off on items of >= 1 MiB adding up to >= 16 MiB: numpy holds the GIL for
+# the call overhead of small arrays (LoRA's 240 small leaves gain nothing on two threads)
+_PARALLEL_MIN_ITEM, _PARALLEL_MIN_BYTES = 2**20, 16 * 2**20
 
 
 def map_arrays(fn: Callable[[Any], Any], items: list[Any], sizes: list[int]) -> list[Any]:
     """``[fn(x) for x in items]``, on a few threads when there is enough to do (``sizes``:
     the bytes each item reads). A round's array work (NaN checks, the weighted mean) is
-    memory-bound numpy that releases the GIL, so a second core nearly halves it; the items
-    go to the threads in a few size-balanced groups (many small LoRA leaves would cost more
-    in hand-offs than they save). The results are the same as one thread's. ``fn`` must not
-    call map_arrays itself (the pool's threads would wait on each other)."""
+    memory-bound numpy that releases the GIL, so a second core nearly halves it on large
+    arrays; the items go to the threads in a few size-balanced groups. The results are the
+    same as one thread's. ``fn`` must not call map_arrays itself (the pool's threads would
+    wait on each other)."""
     global _POOL
     workers = min(4, os.cpu_count() or 1)
-    if len(items) < 2 or workers < 2 or sum(sizes) < _PARALLEL_MIN_BYTES:
+    large = sum(size for size in sizes if size >= _PARALLEL_MIN_ITEM)
+    if len(items) < 2 or workers < 2 or large < _PARALLEL_MIN_BYTES:
         return [fn(x) for x in items]
     if _POOL is None or _POOL[0] != os.getpid():  # a forked child has no worker threads
         _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="fedrag-payload"))

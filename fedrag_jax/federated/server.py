@@ -161,7 +161,7 @@ class ValidReply:
     message: Message
     num_examples: int
     arrays: dict[str, Any]
-    result: ClientResult | None = None
+    result: ClientResult
 
 
 def averages_itself(strategy: Any) -> bool:
@@ -287,7 +287,7 @@ def finite_mean(valid: list[ValidReply], record: RoundRecord, base: dict[str, np
         if (key := non_finite_key(reply.arrays)) is None:
             good.append(reply)
             continue
-        who = reply.result.client_id if reply.result is not None else "?"
+        who = reply.result.client_id
         _reject(record, who, f"payload key {key!r} holds non-finite values (NaN or inf); "
                              "the sender diverged")
         record.clients = [c for c in record.clients if c is not reply.result]

@@ -21,10 +21,19 @@ What is measured:
                            weighted mean of the screened arrays, then the NaN / inf check
                            on the mean, which stands for checking every reply)
        final deserialize   payload.unflatten_params(aggregate, cast=True, copy=False)
+       reply wait          the delay between the last reply becoming available and the
+                           server holding it: server.send_and_receive polling a grid whose
+                           replies become ready at the clients' measured round times (real
+                           clock). Flower's own Grid.send_and_receive loops, which pull at a
+                           fixed interval (simulation 0.1 s, deployed 3 s), are timed on the
+                           same grid for reference.
    The previous protocol (whole uploads, every reply checked for NaN / inf, the mean bitwise
-   what Flower's aggregate_train computes, copied out) is timed in the same run, and
-   Flower's own FedAvg.aggregate_train on those whole replies (which decodes every reply
-   again), for reference.
+   what Flower's aggregate_train computes, copied out, Flower's simulation polling) is timed
+   in the same run, and Flower's own FedAvg.aggregate_train on those whole replies (which
+   decodes every reply again), for reference.
+   The bench process raises glibc's malloc thresholds as the ServerApp and ClientApp do
+   (federated/malloc.py: large freed buffers are reused, not unmapped and faulted in again
+   each round); ``--malloc default`` leaves them, to compare.
    Overhead share = overhead / (overhead + client training), on the critical path of a round
    where clients train in parallel on their own hardware: one server serialize, one client's
    deserialize + serialize + wire encoding, and the server's screening of *every* reply,
@@ -281,6 +290,58 @@ def param_bytes(tree: Any) -> dict[str, int]:
     return {"params": count, "native_bytes": native, "wire_bytes": wire}
 
 
+class TimedGrid:
+    """A Grid whose replies become pullable at given seconds after the push (real clock):
+    stands for clients that finish their local training at those times."""
+
+    def __init__(self, ready_after: list[float], pull_interval: float = 0.1):
+        self.ready_after, self.pull_interval = ready_after, pull_interval  # (InMemoryGrid's)
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        self.pushed = time.perf_counter()
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        self.messages = list(messages)
+        return [m.metadata.message_id for m in self.messages]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        from flwr.app import Message, RecordDict
+
+        now = time.perf_counter() - self.pushed
+        ready = zip(self.messages, self.ready_after, strict=True)
+        return [Message(RecordDict(), reply_to=m) for m, t in ready
+                if m.metadata.message_id in ids and t <= now]
+
+
+def reply_waits(ready_after: list[float], repeat: int) -> dict[str, list[float]]:
+    """Seconds between the last reply becoming pullable and the server holding all replies,
+    for our polling (server.send_and_receive) and Flower's Grid.send_and_receive loops (the
+    simulation's InMemoryGrid: 0.1 s between pulls; the deployed HttpGrid: 3 s), with the
+    replies ready at ``ready_after`` (the clients' measured round times)."""
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedrag_jax.federated.server import send_and_receive
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Message()
+    loops = {"ours": lambda g, m: send_and_receive(g, m, 3600.0),
+             "flower_inmemory": lambda g, m: InMemoryGrid.send_and_receive(g, m, timeout=3600.0),
+             "flower_deployed": lambda g, m: HttpGrid.send_and_receive(g, m, timeout=3600.0)}
+    out: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeat):
+        for name, loop in loops.items():
+            grid = TimedGrid(ready_after)
+            messages = [Message(RecordDict(), dst_node_id=n + 1, message_type="train")
+                        for n in range(len(ready_after))]
+            replies = loop(grid, messages)
+            out[name].append(time.perf_counter() - grid.pushed - max(ready_after))
+            if len(replies) != len(ready_after):
+                raise RuntimeError(f"{name}: {len(replies)} of {len(ready_after)} replies")
+    return out
+
+
 def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[str, Any]:
     """Time every piece of one Flower round of ``task`` (see the module docstring)."""
     import jax
@@ -377,12 +438,15 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     jax_fedavg = jax.jit(fedavg)
     _, spmd_aggregate = timed(lambda: jax_fedavg(stacked, weights), repeat)
 
+    log(f"{name}: polling for {clients} replies ready over one client round ...")
+    waits = reply_waits(client_s, repeat)
     pieces = {"server_serialize_s": med(server_ser), "client_deserialize_s": med(client_deser),
               "client_serialize_s": med(client_ser), "wire_encode_s": med(wire_encode),
               "server_screen_all_s": med(screen_s), "aggregate_s": med(aggregate_s),
-              "final_deserialize_s": med(final_deser)}
+              "final_deserialize_s": med(final_deser), "reply_wait_s": med(waits["ours"])}
     overhead = sum(pieces.values())
     dense_pieces = {**pieces, "client_serialize_s": med(client_ser_dense),
+                    "reply_wait_s": med(waits["flower_inmemory"]),
                     "server_screen_all_s": med(screen_dense),
                     "aggregate_s": med(aggregate_dense),
                     "final_deserialize_s": med(final_deser_dense)}
@@ -390,7 +454,8 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     client = med(client_s)
     serial_overhead = (pieces["server_serialize_s"] + clients * (
         pieces["client_deserialize_s"] + pieces["client_serialize_s"] + pieces["wire_encode_s"])
-        + pieces["server_screen_all_s"] + pieces["aggregate_s"] + pieces["final_deserialize_s"])
+        + pieces["server_screen_all_s"] + pieces["aggregate_s"] + pieces["final_deserialize_s"]
+        + pieces["reply_wait_s"])
     upload = int(med([r.content["arrays"].count_bytes() for r in replies]))
     download = int(record_down.count_bytes())
     result = {
@@ -402,7 +467,8 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
                   "server_screen_all": screen_s, "aggregate": aggregate_s,
                   "final_deserialize": final_deser, "msgpack_encode": msgpack_enc,
                   "msgpack_decode": msgpack_dec, "spmd_jax_fedavg": spmd_aggregate,
-                  "flower_aggregate_train": flower_aggregate},
+                  "flower_aggregate_train": flower_aggregate,
+                  **{f"reply_wait_{k}": v for k, v in waits.items()}},
         "flower_aggregate_train_median_s": med(flower_aggregate),
         # the previous protocol (whole uploads, each reply checked for NaN), same run
         "dense_pieces_median_s": dense_pieces, "dense_overhead_s": dense_overhead,
@@ -546,6 +612,9 @@ def main() -> None:
     p.add_argument("--spmd-devices", type=int, default=None,
                    help="devices the SPMD engine uses (default all 8: a client each; fewer: "
                         "several clients vmapped per device slice)")
+    p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                   help="reuse: raise glibc's malloc thresholds as the ServerApp and ClientApp "
+                        "do (fedrag_jax/federated/malloc.py); default: leave them")
     p.add_argument("--skip-ralt", action="store_true")
     p.add_argument("--skip-engines", action="store_true")
     p.add_argument("--skip-flower", action="store_true")
@@ -565,13 +634,16 @@ def main() -> None:
     from flax import nnx
 
     from fedrag_jax.config import RALTConfig
+    from fedrag_jax.federated.malloc import reuse_large_buffers
+
+    malloc_tuned = args.malloc == "reuse" and reuse_large_buffers()
 
     log(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices, "
         f"{os.cpu_count()} CPUs; models: {args.models}")
     meta = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "jax": jax.__version__, "platform": platform.platform(),
             "cpus": os.cpu_count(), "devices": len(jax.devices()),
-            "device_kind": jax.devices()[0].device_kind,
+            "device_kind": jax.devices()[0].device_kind, "malloc_tuned": malloc_tuned,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     results: dict[str, Any] = {"meta": meta}
 
@@ -624,6 +696,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     def yes(ok: bool | None) -> str:
         return "-" if ok is None else ("yes" if ok else "NO")
 
+    rows.append(("malloc: large freed buffers reused (federated/malloc.py)",
+                 yes(results["meta"]["malloc_tuned"]), "", ""))
     for key in ("lsr", "ralt"):
         r = results.get(key)
         if r is None:
@@ -647,9 +721,13 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
              f"{pc['server_screen_all_s'] * 1e3:.1f} ms", "", ""),
             (f"{label}:   aggregate (weighted mean of the screened arrays)",
              f"{pc['aggregate_s'] * 1e3:.1f} ms", "", ""),
+            (f"{label}:   wait for the last reply (polling)",
+             f"{pc['reply_wait_s'] * 1e3:.1f} ms (Flower's loop: simulation "
+             f"{1e3 * med(r['raw_s']['reply_wait_flower_inmemory']):.0f} ms, deployed "
+             f"{1e3 * med(r['raw_s']['reply_wait_flower_deployed']):.0f} ms)", "", ""),
             (f"{label}:   (Flower FedAvg.aggregate_train, whole uploads)",
              f"{r['flower_aggregate_train_median_s'] * 1e3:.1f} ms", "", ""),
-            (f"{label}: overhead with whole uploads, NaN check per reply",
+            (f"{label}: overhead with whole uploads, NaN check per reply, Flower's polling",
              f"{r['dense_overhead_s'] * 1e3:.1f} ms = {100 * r['dense_overhead_share']:.2f}%",
              "", ""),
             (f"{label}: max |mean - whole-upload mean|",

@@ -198,9 +198,26 @@ class LocalGrid:
         # a node keeps its context state between messages (SecAgg+ keeps its keys there)
         self.states = {node: RecordDict() for node in self.nodes}
         self.run = SimpleNamespace(run_id=0)  # what Flower's legacy client manager reads
+        self.pushed, self.ready = 0, []
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def push_messages(self, messages):
+        """Runs each message's ClientApp at once; its reply waits for ``pull_messages``."""
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"local-{self.pushed}"  # as Flower's grids
+            ids.append(msg.metadata.message_id)
+            self.ready.extend(self.send_and_receive([msg]))
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        out = [m for m in self.ready if m.metadata.reply_to_message_id in wanted]
+        self.ready = [m for m in self.ready if m.metadata.reply_to_message_id not in wanted]
+        return out
 
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import Context, Error, Message

@@ -6,6 +6,7 @@ clients, checkpoint resume."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
@@ -47,6 +48,7 @@ from fedrag_jax.federated.server import (
     finite_mean,
     make_strategy,
     screen_train_replies,
+    send_and_receive,
     serve,
     weighted_mean,
 )
@@ -397,6 +399,90 @@ def test_map_arrays_on_threads_keeps_order_and_errors(monkeypatch):
 
     with pytest.raises(PayloadError, match="item 23"):
         map_arrays(fail, items, sizes)
+
+
+class ScheduledGrid:
+    """A Grid whose replies become pullable at given times of a fake clock."""
+
+    def __init__(self, ready_at: list[float]):
+        self.now, self.ready_at, self.pulls = 0.0, ready_at, 0
+
+    def push_messages(self, messages):
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        self.sent = list(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = zip(self.sent, self.ready_at, strict=True)
+        return [Message(RecordDict(), reply_to=m) for m, t in ready
+                if m.metadata.message_id in ids and t <= self.now]
+
+    def sleep(self, seconds):
+        assert seconds > 0
+        self.now += seconds
+
+
+def test_replies_are_pulled_soon_after_they_arrive(task_identity):
+    def send(ready_at, timeout):
+        grid = ScheduledGrid(ready_at)
+        messages = [Message(RecordDict(), dst_node_id=n + 1, message_type="train")
+                    for n in range(len(ready_at))]
+        replies = send_and_receive(grid, messages, timeout, clock=lambda: grid.now,
+                                   sleep=grid.sleep)
+        return grid, sorted(int(r.metadata.reply_to_message_id[1:]) for r in replies)
+
+    # the last reply is ready at 2.5 s: pulled within 1/100 of the wait after it (Flower's
+    # deployed grid sleeps 3 s between pulls, its in-memory grid 0.1 s)
+    rng = np.random.default_rng(3)
+    ready = [float(t) for t in rng.uniform(0.05, 2.5, 7)] + [2.5]
+    grid, got = send(ready, 3600.0)
+    assert got == list(range(8))
+    assert 2.5 <= grid.now <= 2.5 * (1 + 1 / 100) + 1e-9
+    assert grid.pulls < 400
+    # an hour's wait pulls at most once a second in the end, a few thousand times in all
+    grid, got = send([3000.0], 3600.0)
+    assert got == [0] and 3000.0 <= grid.now <= 3001.0 and grid.pulls < 4400
+    # the timeout returns what arrived, at the deadline, not a sleep later
+    grid, got = send([0.2, 0.4, 50.0], 10.0)
+    assert got == [0, 1] and grid.now == pytest.approx(10.0)
+    grid, got = send([], 10.0)
+    assert got == [] and grid.pulls == 0
+
+
+_SECOND_PAYLOAD_FAULTS = """
+import resource, sys
+import numpy as np
+from fedrag_jax.federated.malloc import reuse_large_buffers
+tuned = reuse_large_buffers() if sys.argv[1] == "tuned" else False
+x = np.random.default_rng(0).standard_normal(6 << 20)  # 48 MiB, a payload's bytes
+for _ in range(2):  # the second round's payload is what a long run pays each round
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blob = b"".join((b"npy header", x.data))
+    del blob
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_large_payload_buffers_are_reused_from_round_to_round():
+    import os
+    import subprocess
+
+    def faults(mode: str, **env: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _SECOND_PAYLOAD_FAULTS, mode], check=True,
+                             capture_output=True, text=True, env={**os.environ, **env})
+        tuned, count = out.stdout.split()
+        return tuned, int(count)
+
+    pages = (48 << 20) // 4096
+    tuned, untouched = faults("default")
+    assert tuned == "False" and untouched > pages // 2  # a fresh mmap: a fault a page
+    tuned, reused = faults("tuned")
+    assert tuned == "True" and reused < pages // 20  # the freed block came back
+    tuned, opted_out = faults("tuned", FEDRAG_JAX_MALLOC="default")
+    assert tuned == "False" and opted_out > pages // 2
 
 
 def test_read_arrayrecord_views_match_numpy_and_refuse_damage():

@@ -25,6 +25,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..errors import ConfigError
+from .malloc import reuse_large_buffers
 from .payload import from_arrayrecord, read_arrayrecord, to_arrayrecord, tree_from_flat
 
 IDENTIFY = "identify"
@@ -70,6 +71,7 @@ def client_id_of_node(config: Any, num_clients: int) -> int:
 
 
 def handle_train(task: Any, msg: Message, context: Context) -> Message:
+    reuse_large_buffers()  # the payloads of every round are alike (malloc.py)
     cid = client_id_of(context, task.config.num_clients)
     template = task.template.params
     received = read_arrayrecord(msg.content[ARRAYS], template)  # views, validated
@@ -89,6 +91,7 @@ def handle_train(task: Any, msg: Message, context: Context) -> Message:
 
 
 def handle_evaluate(task: Any, msg: Message, context: Context) -> Message:
+    reuse_large_buffers()
     cid = client_id_of(context, task.config.num_clients)
     params = from_arrayrecord(msg.content[ARRAYS], task.template.params)
     result = task.client_evaluate(cid, params) or {"eval_loss": 0.0, "num_examples": 0}

@@ -603,7 +603,7 @@ def main() -> None:
     p.add_argument("--ralt-k", type=int, default=2, help="RALT passages (instances) per query")
     p.add_argument("--ralt-prompt", type=int, default=56, help="RALT prompt tokens")
     p.add_argument("--ralt-target", type=int, default=8, help="RALT response tokens")
-    p.add_argument("--repeat", type=int, default=None, help="timings per piece (3; quick 2)")
+    p.add_argument("--repeat", type=int, default=None, help="timings per piece (5; quick 2)")
     p.add_argument("--engine-local-steps", type=int, default=2)
     p.add_argument("--engine-models", choices=("tiny", "bundled"), default="tiny",
                    help="towers of the SPMD-vs-Flower part (bundled: MiniLM, minutes more)")
@@ -624,7 +624,7 @@ def main() -> None:
     args.models = args.models or ("tiny" if q else "bundled")
     args.local_steps = args.local_steps or (2 if q else 10)
     args.ralt_local_steps = args.ralt_local_steps or (2 if q else 4)
-    args.repeat = args.repeat or (2 if q else 3)
+    args.repeat = args.repeat or (2 if q else 5)
     args.engine_rounds = args.engine_rounds or (2 if q else 3)
     args.flower_runs = args.flower_runs or (1 if q else 2)
     args.out = args.out or RESULTS / ("federated_quick.json" if q else "federated.json")

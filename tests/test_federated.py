@@ -433,17 +433,17 @@ def test_replies_are_pulled_soon_after_they_arrive(task_identity):
                                    sleep=grid.sleep)
         return grid, sorted(int(r.metadata.reply_to_message_id[1:]) for r in replies)
 
-    # the last reply is ready at 2.5 s: pulled within 1/100 of the wait after it (Flower's
+    # the last reply is ready at 2.5 s: pulled within 1/200 of the wait after it (Flower's
     # deployed grid sleeps 3 s between pulls, its in-memory grid 0.1 s)
     rng = np.random.default_rng(3)
     ready = [float(t) for t in rng.uniform(0.05, 2.5, 7)] + [2.5]
     grid, got = send(ready, 3600.0)
     assert got == list(range(8))
-    assert 2.5 <= grid.now <= 2.5 * (1 + 1 / 100) + 1e-9
-    assert grid.pulls < 400
+    assert 2.5 <= grid.now <= 2.5 * (1 + 1 / 200) + 1e-9
+    assert grid.pulls < 600
     # an hour's wait pulls at most once a second in the end, a few thousand times in all
     grid, got = send([3000.0], 3600.0)
-    assert got == [0] and 3000.0 <= grid.now <= 3001.0 and grid.pulls < 4400
+    assert got == [0] and 3000.0 <= grid.now <= 3001.0 and grid.pulls < 6000
     # the timeout returns what arrived, at the deadline, not a sleep later
     grid, got = send([0.2, 0.4, 50.0], 10.0)
     assert got == [0, 1] and grid.now == pytest.approx(10.0)

@@ -136,9 +136,9 @@ def _name(node: int, mapping: dict[int, int]) -> int | str:
 # Polling for replies. Flower's Grid.send_and_receive sleeps a fixed interval between pulls
 # (3 s on the deployed gRPC grid, 0.1 s in simulation), so a round waited on average half of
 # it after its last reply had arrived. Here the interval grows with the time waited so far:
-# the delay after the last reply stays within ~1/100 of the round's wait, and a long round
-# still pulls rarely (about 230 pulls per tenfold of waiting, at most one a second).
-PULL_MIN_S, PULL_MAX_S, PULL_FRACTION = 0.005, 1.0, 1 / 100
+# the delay after the last reply stays within ~1/200 of the round's wait, and a long round
+# still pulls rarely (about 460 pulls per tenfold of waiting, at most one a second).
+PULL_MIN_S, PULL_MAX_S, PULL_FRACTION = 0.005, 1.0, 1 / 200
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None, *,

@@ -14,12 +14,16 @@ What is measured:
        client serialize    payload.to_arrayrecord(client params, base=received): a large
                            matrix's changed rows only (row-sparse, exact)
        wire encoding       Array.deflate of every array (what a deployed transport sends)
-       server screening    server.screen_train_replies (read_arrayrecord: zero-copy views
-                           of the replies' bytes + checks of keys, shapes, dtypes, row
-                           indices) x clients
-       aggregate           server.aggregate_replies (FedAvg: server.finite_mean, the
-                           weighted mean of the screened arrays, then the NaN / inf check
-                           on the mean, which stands for checking every reply)
+       server, per reply   server.receive_train: as each reply arrives, screen_train_replies
+                           (read_arrayrecord: zero-copy views of the reply's bytes + checks of
+                           keys, shapes, dtypes, row indices) and fold_replies (its NaN / inf
+                           check, then RunningMean.add); timed reply by reply. On the critical
+                           path is what is left when the last reply arrives: the replies are
+                           worked through in arrival order, arriving at the clients' measured
+                           round times, so the earlier ones are folded while others train
+       finish mean         server.finish_mean (RunningMean.mean: the float64 sums divided
+                           and rounded to float32; the row-sparse leaves' sent rows added to
+                           the global ones)
        final deserialize   payload.unflatten_params(aggregate, cast=True, copy=False)
        reply wait          the delay between the last reply becoming available and the
                            server holding it: server.send_and_receive polling a grid whose
@@ -27,18 +31,19 @@ What is measured:
                            clock). Flower's own Grid.send_and_receive loops, which pull at a
                            fixed interval (simulation 0.1 s, deployed 3 s), are timed on the
                            same grid for reference.
-   The previous protocol (whole uploads, every reply checked for NaN / inf, the mean bitwise
-   what Flower's aggregate_train computes, copied out, Flower's simulation polling) is timed
-   in the same run, and Flower's own FedAvg.aggregate_train on those whole replies (which
-   decodes every reply again), for reference.
+   Flower's own FedAvg path (whole uploads, every reply checked for NaN / inf, then
+   FedAvg.aggregate_train, which decodes every reply again, and Flower's simulation
+   polling) is timed in the same run for comparison, and the mean of all replies taken at
+   once (aggregate_replies) for reference.
    The bench process raises glibc's malloc thresholds as the ServerApp and ClientApp do
    (federated/malloc.py: large freed buffers are reused, not unmapped and faulted in again
    each round); ``--malloc default`` leaves them, to compare.
    Overhead share = overhead / (overhead + client training), on the critical path of a round
    where clients train in parallel on their own hardware: one server serialize, one client's
-   deserialize + serialize + wire encoding, and the server's screening of *every* reply,
-   aggregation and final deserialize. The msgpack encoding (payload.encode / decode) and the
-   SPMD simulator's jitted FedAvg are timed too, for reference.
+   deserialize + serialize + wire encoding, the wait for the last reply, the server's work
+   left then, finishing the mean and the final deserialize. The msgpack encoding
+   (payload.encode / decode) and the SPMD simulator's jitted FedAvg are timed too, for
+   reference.
    Models: the bundled MiniLM retriever and SmolLM2-135M generator (full run), or tiny random
    ones built like the tests' (``--quick`` or ``--models tiny``); the table says which.
 2. Bytes per round: the serialized ArrayRecord of the full query tower (LSR) and of the
@@ -358,11 +363,13 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
         unflatten_params,
         wire_flat,
     )
+    from fedrag_jax.federated.running_mean import RunningMean
     from fedrag_jax.federated.server import (
         aggregate_replies,
+        finish_mean,
+        fold_replies,
         make_strategy,
         screen_train_replies,
-        weighted_mean,
     )
 
     template = task.template.params
@@ -402,34 +409,54 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     replies = replies_of(received)
     strategy = make_strategy("fedavg", StrategyOptions(), min_clients=2, evaluate=False)
 
-    def screen():  # the base (global params at the wire dtypes) is built once per round
-        base = wire_flat(global_params)
-        return screen_train_replies(replies, template, RoundRecord(round=2), {}, False,
-                                    base=base, check_finite=False), base
+    base = wire_flat(global_params)  # serve builds it while the clients train
 
-    (valid, base), screen_s = timed(screen, repeat)
-    if len(valid) != clients:
-        raise RuntimeError(f"{name}: the server rejected {clients - len(valid)} replies")
-    aggregated, aggregate_s = timed(lambda: aggregate_replies(
-        strategy, 2, valid, RoundRecord(round=2), base=base, min_clients=2), repeat)
+    def stream() -> tuple[Any, list[float], float]:
+        """server.receive_train + finish_mean: each reply screened and folded into the
+        running mean as it arrives (timed one by one), then the mean finished."""
+        running, record, per_reply = RunningMean(base), RoundRecord(round=2), []
+        for msg in replies:
+            start = time.perf_counter()
+            fold_replies(running, screen_train_replies([msg], template, record, {}, False,
+                                                       base=base, check_finite=False), record)
+            per_reply.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = finish_mean(running, record, 2)
+        return out, per_reply, time.perf_counter() - start
+
+    stream()  # warm-up, as timed() does
+    ready = sorted(client_s)  # the replies arrive when their clients finish training
+    after_last, finalize, fold_all = [], [], []
+    for _ in range(repeat):
+        aggregated, per_reply, finish_s = stream()
+        done = 0.0  # the server works through the replies in arrival order
+        for t, work in zip(ready, per_reply, strict=True):
+            done = max(done, t) + work
+        after_last.append(done - ready[-1])
+        finalize.append(finish_s)
+        fold_all.append(sum(per_reply))
     if aggregated is None:
-        raise RuntimeError(f"{name}: the average was not finite")
+        raise RuntimeError(f"{name}: the average was not taken (rejected replies?)")
+    valid = screen_train_replies(replies, template, RoundRecord(round=2), {}, False,
+                                 base=base, check_finite=False)
+    _, aggregate_all = timed(lambda: aggregate_replies(  # all replies at once, for reference
+        strategy, 2, valid, RoundRecord(round=2), base=base, min_clients=2), repeat)
     _, final_deser = timed(lambda: unflatten_params(aggregated, template, cast=True,
                                                     copy=False), repeat)
 
-    # the same round as before row-sparse uploads and the check on the average: whole
-    # uploads, every reply checked for NaN, Flower-bitwise mean, a copy out of the mean
+    # Flower's own FedAvg path on whole uploads: every reply checked for NaN / inf, then
+    # FedAvg.aggregate_train (which decodes every reply again), Flower's simulation polling
     record_dense, client_ser_dense = timed(lambda: to_arrayrecord(params), repeat)
     dense_replies = replies_of(None)
     valid_dense, screen_dense = timed(lambda: screen_train_replies(
         dense_replies, template, RoundRecord(round=2), {}, False), repeat)
-    aggregated_dense, aggregate_dense = timed(lambda: weighted_mean(valid_dense), repeat)
-    _, final_deser_dense = timed(lambda: unflatten_params(aggregated_dense, template,
-                                                          cast=True), repeat)
-    _, flower_aggregate = timed(
+    flower_mean, flower_aggregate = timed(
         lambda: strategy.aggregate_train(2, [v.message for v in valid_dense])[0], repeat)
+    flower_mean = {k: flower_mean[k].numpy() for k in flower_mean.keys()}
+    _, final_deser_dense = timed(lambda: unflatten_params(flower_mean, template,
+                                                          cast=True), repeat)
     dense_diff = max(float(np.max(np.abs(aggregated[k].astype(np.float64)
-                                         - aggregated_dense[k]))) for k in aggregated)
+                                         - flower_mean[k]))) for k in aggregated)
 
     blob, msgpack_enc = timed(lambda: encode(params), repeat)
     _, msgpack_dec = timed(lambda: decode(blob, template), repeat)
@@ -442,19 +469,23 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
     waits = reply_waits(client_s, repeat)
     pieces = {"server_serialize_s": med(server_ser), "client_deserialize_s": med(client_deser),
               "client_serialize_s": med(client_ser), "wire_encode_s": med(wire_encode),
-              "server_screen_all_s": med(screen_s), "aggregate_s": med(aggregate_s),
-              "final_deserialize_s": med(final_deser), "reply_wait_s": med(waits["ours"])}
+              "reply_wait_s": med(waits["ours"]),
+              "server_after_last_reply_s": med(after_last), "finish_mean_s": med(finalize),
+              "final_deserialize_s": med(final_deser)}
     overhead = sum(pieces.values())
-    dense_pieces = {**pieces, "client_serialize_s": med(client_ser_dense),
+    dense_pieces = {"server_serialize_s": med(server_ser),
+                    "client_deserialize_s": med(client_deser),
+                    "client_serialize_s": med(client_ser_dense),
+                    "wire_encode_s": med(wire_encode),
                     "reply_wait_s": med(waits["flower_inmemory"]),
                     "server_screen_all_s": med(screen_dense),
-                    "aggregate_s": med(aggregate_dense),
+                    "aggregate_s": med(flower_aggregate),
                     "final_deserialize_s": med(final_deser_dense)}
     dense_overhead = sum(dense_pieces.values())
     client = med(client_s)
     serial_overhead = (pieces["server_serialize_s"] + clients * (
         pieces["client_deserialize_s"] + pieces["client_serialize_s"] + pieces["wire_encode_s"])
-        + pieces["server_screen_all_s"] + pieces["aggregate_s"] + pieces["final_deserialize_s"]
+        + med(fold_all) + pieces["finish_mean_s"] + pieces["final_deserialize_s"]
         + pieces["reply_wait_s"])
     upload = int(med([r.content["arrays"].count_bytes() for r in replies]))
     download = int(record_down.count_bytes())
@@ -464,13 +495,14 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
         "client_round_median_s": client, "pieces_median_s": pieces,
         "raw_s": {"server_serialize": server_ser, "client_deserialize": client_deser,
                   "client_serialize": client_ser, "wire_encode": wire_encode,
-                  "server_screen_all": screen_s, "aggregate": aggregate_s,
+                  "server_after_last_reply": after_last, "finish_mean": finalize,
+                  "server_fold_all_replies": fold_all, "aggregate_all_at_once": aggregate_all,
                   "final_deserialize": final_deser, "msgpack_encode": msgpack_enc,
                   "msgpack_decode": msgpack_dec, "spmd_jax_fedavg": spmd_aggregate,
                   "flower_aggregate_train": flower_aggregate,
                   **{f"reply_wait_{k}": v for k, v in waits.items()}},
         "flower_aggregate_train_median_s": med(flower_aggregate),
-        # the previous protocol (whole uploads, each reply checked for NaN), same run
+        # Flower's own FedAvg path on whole uploads, same run
         "dense_pieces_median_s": dense_pieces, "dense_overhead_s": dense_overhead,
         "dense_overhead_share": dense_overhead / (dense_overhead + client),
         "dense_upload_bytes": int(record_dense.count_bytes()),
@@ -717,20 +749,25 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
              ""),
             (f"{label}:   deserialize+validate (client + final)",
              f"{(pc['client_deserialize_s'] + pc['final_deserialize_s']) * 1e3:.1f} ms", "", ""),
-            (f"{label}:   server screening of {r['clients']} replies",
-             f"{pc['server_screen_all_s'] * 1e3:.1f} ms", "", ""),
-            (f"{label}:   aggregate (weighted mean of the screened arrays)",
-             f"{pc['aggregate_s'] * 1e3:.1f} ms", "", ""),
             (f"{label}:   wait for the last reply (polling)",
              f"{pc['reply_wait_s'] * 1e3:.1f} ms (Flower's loop: simulation "
              f"{1e3 * med(r['raw_s']['reply_wait_flower_inmemory']):.0f} ms, deployed "
              f"{1e3 * med(r['raw_s']['reply_wait_flower_deployed']):.0f} ms)", "", ""),
+            (f"{label}:   server work left when the last reply arrives",
+             f"{pc['server_after_last_reply_s'] * 1e3:.1f} ms (screen + fold of all "
+             f"{r['clients']}: {1e3 * med(r['raw_s']['server_fold_all_replies']):.1f} ms, "
+             "done as they arrive)", "", ""),
+            (f"{label}:   finish the running mean", f"{pc['finish_mean_s'] * 1e3:.1f} ms", "",
+             ""),
+            (f"{label}:   (all replies averaged at once: aggregate_replies)",
+             f"{1e3 * med(r['raw_s']['aggregate_all_at_once']):.1f} ms", "", ""),
             (f"{label}:   (Flower FedAvg.aggregate_train, whole uploads)",
              f"{r['flower_aggregate_train_median_s'] * 1e3:.1f} ms", "", ""),
-            (f"{label}: overhead with whole uploads, NaN check per reply, Flower's polling",
+            (f"{label}: Flower's own FedAvg path (whole uploads, NaN check per reply, "
+             "aggregate_train, its polling)",
              f"{r['dense_overhead_s'] * 1e3:.1f} ms = {100 * r['dense_overhead_share']:.2f}%",
              "", ""),
-            (f"{label}: max |mean - whole-upload mean|",
+            (f"{label}: max |mean - Flower's FedAvg of whole uploads|",
              f"{r['max_abs_diff_vs_dense_mean']:.1e}", "", ""),
             (f"{label}: local steps / round for overhead <= 5%",
              f"{r['local_steps_for_5pct']} (a step: "

@@ -42,15 +42,16 @@ from fedrag_jax.federated.client import make_client_app
 from fedrag_jax.federated.history import RoundRecord, open_run
 from fedrag_jax.federated.local import client_batches, position
 from fedrag_jax.federated.payload import RowUpdate, map_arrays, read_arrayrecord, wire_flat
+from fedrag_jax.federated.running_mean import RunningMean
 from fedrag_jax.federated.server import (
     ServerRun,
     aggregate_replies,
-    finite_mean,
+    finish_mean,
+    fold_replies,
     make_strategy,
     screen_train_replies,
     send_and_receive,
     serve,
-    weighted_mean,
 )
 from fedrag_jax.federated.spmd import SpmdSimulator, devices_of_group, slice_devices
 from fedrag_jax.finetune.batches import LSRDataset
@@ -346,11 +347,18 @@ def test_server_rules_match_flower_strategies(name):
         ours = jax.tree.map(jnp.asarray, current)
 
 
+def running_mean(valid, base=None):
+    running = RunningMean(base)
+    for reply in valid:
+        assert running.add(reply.arrays, reply.num_examples) is None
+    return running.mean()
+
+
 @pytest.mark.parametrize("threads", [False, True])
-def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
-    """FedAvg / FedProx average the screened arrays in place; the result must be exactly
-    what Flower's aggregate_train computes from the same messages (on one thread or, as
-    for large trainable sets, several)."""
+def test_server_fedavg_is_the_weighted_mean_flower_computes(threads, monkeypatch):
+    """FedAvg / FedProx fold the screened arrays into a running mean; the result is what
+    Flower's aggregate_train computes from the same messages up to float32 rounding, in any
+    reply order, bitwise (on one thread or, as for large trainable sets, several)."""
     if threads:
         monkeypatch.setattr(payload_module, "_PARALLEL_MIN_BYTES", 0)
         monkeypatch.setattr(payload_module, "_PARALLEL_MIN_ITEM", 0)
@@ -361,6 +369,7 @@ def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
     clients = [{k: (v + rng.normal(size=v.shape)).astype(v.dtype) for k, v in template.items()}
                for _ in counts]
     replies = [_reply(c, n, i + 1) for i, (c, n) in enumerate(zip(clients, counts, strict=True))]
+    exact = weighted_average(clients, counts)  # float64
     for name in ("fedavg", "fedprox"):
         strategy = make_strategy(name, StrategyOptions(proximal_mu=0.1), min_clients=1)
         record = RoundRecord(round=1)
@@ -368,20 +377,22 @@ def test_server_weighted_mean_is_bitwise_flowers_fedavg(threads, monkeypatch):
         assert [v.num_examples for v in valid] == counts
         ours = aggregate_replies(strategy, 1, valid, record)
         theirs, _ = strategy.aggregate_train(1, replies)
-        assert list(ours) == list(theirs.keys())
+        assert sorted(ours) == sorted(theirs.keys())
         for key in ours:
-            np.testing.assert_array_equal(ours[key], theirs[key].numpy(), err_msg=key)
-        manual = sum(np.float64(n) * c["query_tower/layers/0/value/kernel"]
-                     for c, n in zip(clients, counts, strict=True)) / sum(counts)
-        np.testing.assert_allclose(ours["query_tower/layers/0/value/kernel"], manual, atol=1e-5)
+            assert ours[key].dtype == theirs[key].numpy().dtype
+            np.testing.assert_allclose(ours[key], theirs[key].numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(ours[key], exact[key], rtol=1e-6, atol=1e-6)
+        shuffled = running_mean([valid[i] for i in (2, 0, 3, 1)])  # replies' arrival order
+        for key in ours:
+            np.testing.assert_array_equal(shuffled[key], ours[key], err_msg=key)
     # the arrays screening keeps are views of the messages' bytes: averaging wrote none
     for client, reply in zip(clients, replies, strict=True):
         for key, value in client.items():
             np.testing.assert_array_equal(reply.content["arrays"][key].numpy(), value)
-    # one reply only: the mean is that reply, in a fresh writable array
-    alone = weighted_mean(valid[:1])
-    np.testing.assert_array_equal(alone["query_tower/layers/0/value/kernel"],
-                                  clients[0]["query_tower/layers/0/value/kernel"])
+    # one reply only: the mean is that reply exactly, in a fresh writable array
+    alone = running_mean(valid[:1])
+    for key, value in clients[0].items():
+        np.testing.assert_array_equal(alone[key], value)
     assert all(a.flags.writeable for a in alone.values())
 
 
@@ -449,6 +460,12 @@ def test_replies_are_pulled_soon_after_they_arrive(task_identity):
     assert got == [0, 1] and grid.now == pytest.approx(10.0)
     grid, got = send([], 10.0)
     assert got == [] and grid.pulls == 0
+    # on_reply: each pull's replies handed over as they arrive, none kept
+    grid, batches = ScheduledGrid([0.5, 0.5, 2.0]), []
+    messages = [Message(RecordDict(), dst_node_id=n + 1, message_type="train") for n in range(3)]
+    kept = send_and_receive(grid, messages, 10.0, on_reply=batches.append,
+                            clock=lambda: grid.now, sleep=grid.sleep)
+    assert kept == [] and [len(b) for b in batches] == [2, 1]
 
 
 _SECOND_PAYLOAD_FAULTS = """
@@ -590,19 +607,19 @@ def test_row_sparse_mean_equals_the_dense_weighted_mean():
                for i, (r, n) in enumerate(zip(records, counts, strict=True))]
     record = RoundRecord(round=1)
     valid = screen_train_replies(replies, params, record, {1: 0, 2: 1, 3: 2}, True, base=base)
-    ours = weighted_mean(valid, base)
+    ours = running_mean(valid, base)
     assert_close(ours, weighted_average(clients, counts), atol=1e-6)
     for c in range(3):  # the clients' params the server records are whole and exact
         for key, value in clients[c].items():
             np.testing.assert_array_equal(record.client_params[c][key], value)
     # two sparse replies only: the rows neither changed are exactly the global ones
-    ours = weighted_mean(valid[:2], base)
+    ours = running_mean(valid[:2], base)
     untouched = np.setdiff1d(np.arange(1536), [3, 17, 18, 900, 1200])
     np.testing.assert_array_equal(ours[WORDS][untouched], base[WORDS][untouched])
     assert_close(ours, weighted_average(clients[:2], counts[:2]), atol=1e-6)
 
 
-def test_finite_mean_rejects_non_finite_replies_it_did_not_screen():
+def test_running_mean_rejects_non_finite_replies_it_did_not_screen():
     rng = np.random.default_rng(13)
     params = params_template()
     base = wire_flat(params)
@@ -616,7 +633,9 @@ def test_finite_mean_rejects_non_finite_replies_it_did_not_screen():
     valid = screen_train_replies(replies, params, record, {1: 0, 2: 1, 3: 2}, True,
                                  base=base, check_finite=False)
     assert len(valid) == 3 and not record.rejected  # not read for NaN / inf yet
-    out = finite_mean(valid, record, base, min_clients=2)
+    running = RunningMean(base)
+    fold_replies(running, valid, record)
+    out = finish_mean(running, record, min_clients=2)
     assert [r["client_id"] for r in record.rejected] == [1]
     assert WORDS in record.rejected[0]["reason"] and "non-finite" in record.rejected[0]["reason"]
     assert [c.client_id for c in record.clients] == [0, 2]
@@ -626,8 +645,16 @@ def test_finite_mean_rejects_non_finite_replies_it_did_not_screen():
     record = RoundRecord(round=2)
     valid = screen_train_replies(replies[:2], params, record, {}, False, base=base,
                                  check_finite=False)
-    assert finite_mean(valid, record, base, min_clients=2) is None
+    running = RunningMean(base)
+    fold_replies(running, valid, record)
+    assert finish_mean(running, record, min_clients=2) is None
     assert "fewer than min_clients=2" in record.note and len(record.rejected) == 1
+    # values near float32's limit average without overflow (float64 sums)
+    huge = {k: np.full_like(v, 3e38) for k, v in wire_flat(params).items()}
+    running = RunningMean()
+    assert running.add(huge, 1) is None and running.add(huge, 3) is None
+    for key, value in running.mean().items():
+        np.testing.assert_array_equal(value, huge[key])
 
 # --- local training and FedProx on a toy model (compiles in a blink) --------------------------
 class Toy(nnx.Module):

@@ -389,8 +389,8 @@ def read_arrayrecord(record: Any, template: Any, *,
     The arrays are views into the record's bytes; copy before writing to them. ``spec``:
     :func:`payload_spec` of ``template``, when the caller reads many records.
     ``row_sparse``: accept row-sparse leaves (returned as :class:`RowUpdate`).
-    ``check_finite=False`` leaves out the NaN / inf check (the server's FedAvg checks the
-    average instead, see ``server.finite_mean``)."""
+    ``check_finite=False`` leaves out the NaN / inf check (the server's FedAvg makes it
+    while folding the reply into its mean, see ``server.fold_replies``)."""
     from flwr.app import ArrayRecord
 
     if not isinstance(record, ArrayRecord):

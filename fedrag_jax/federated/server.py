@@ -8,16 +8,20 @@ than ``Strategy.start`` so that, between receiving the replies and aggregating t
 reply is screened: a client that raised is *failed*, a reply whose payload does not match the
 model (keys, shapes, dtypes) or holds NaN/inf is *rejected* with its reason; both are logged,
 recorded in the round's history and left out. If fewer than ``min_clients`` valid updates
-remain, the round keeps the global params. After every round the server checkpoints (global
-params, FedAdam/FedYogi moments, history), and a run resumes after the last completed round
-with the real round numbers (which FedAdam's bias correction and the clients' data
-positions depend on).
+remain, the round keeps the global params. FedAvg and FedProx screen each reply as it
+arrives and fold it into a running mean at once (running_mean.py), so little is left to do
+when the last client answers; the other rules get all screened replies at the end. The
+server polls for replies more often than Flower's grids do (:func:`send_and_receive`).
+After every round the server checkpoints (global params, FedAdam/FedYogi moments, history),
+and a run resumes after the last completed round with the real round numbers (which
+FedAdam's bias correction and the clients' data positions depend on).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +39,6 @@ from .malloc import reuse_large_buffers
 from .payload import (
     RowUpdate,
     flatten_params,
-    map_arrays,
-    non_finite_key,
     payload_spec,
     read_arrayrecord,
     to_arrayrecord,
@@ -44,6 +46,7 @@ from .payload import (
     unflatten_params,
     wire_flat,
 )
+from .running_mean import RunningMean
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +145,12 @@ PULL_MIN_S, PULL_MAX_S, PULL_FRACTION = 0.005, 1.0, 1 / 200
 
 
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None, *,
-                     clock: Any = time.monotonic, sleep: Any = time.sleep) -> list[Message]:
+                     on_reply: Callable[[list[Message]], None] | None = None,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep) -> list[Message]:
     """Push ``messages`` and pull their replies until all arrived or ``timeout`` seconds
-    passed (None: no limit); what ``Grid.send_and_receive`` returns, polled as above.
+    passed (None: no limit), polling as above. Returns the replies, or, with ``on_reply``,
+    hands each pull's replies to it as they arrive and keeps none (returns []).
     ``clock`` / ``sleep``: for tests."""
     pending = set(grid.push_messages(messages))
     start = clock()
@@ -152,8 +158,11 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None,
     replies: list[Message] = []
     while pending:
         arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
+        if on_reply is None:
+            replies.extend(arrived)
+        elif arrived:
+            on_reply(arrived)
         now = clock()
         if not pending or now >= deadline:
             break
@@ -194,7 +203,7 @@ class ValidReply:
 
 
 def averages_itself(strategy: Any) -> bool:
-    """Whether the server averages the replies itself (:func:`finite_mean`): FedAvg and
+    """Whether the server averages the replies itself (:class:`RunningMean`): FedAvg and
     FedProx, not wrapped (DP). Only then may clients send row-sparse updates."""
     return type(strategy) in (flwr_strategy.FedAvg, flwr_strategy.FedProx)
 
@@ -207,7 +216,7 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
 
     ``base``: the round's global params at the wire dtypes (:func:`payload.wire_flat`);
     given, row-sparse replies are accepted. ``check_finite=False``: NaN / inf are left for
-    :func:`finite_mean` to find (it reads the average, not every reply).
+    :func:`fold_replies` to find (it checks each reply as it folds it in).
     """
     valid = []
     spec = payload_spec(template)
@@ -253,68 +262,11 @@ def _reject(record: RoundRecord, who: Any, reason: str) -> None:
     log.warning("round %d: rejected the update of client %s: %s", record.round, who, reason)
 
 
-def weighted_mean(replies: list[ValidReply], base: dict[str, np.ndarray] | None = None
-                  ) -> dict[str, np.ndarray]:
-    """FedAvg's average, sum_k (n_k / sum n) w_k, over screened replies.
-
-    The same arithmetic as Flower's ``aggregate_arrayrecords`` (float64 weights, products
-    and sums at the arrays' dtype, in reply order: the results are bitwise equal), but on
-    the arrays screening already read, in place, without decoding every reply again.
-    A leaf that some reply sent row-sparse is averaged as base + sum_k f_k (w_k - base),
-    which reads only the rows sent (the rows nobody changed stay exactly ``base``).
-    """
-    total = float(sum(r.num_examples for r in replies))
-    factors = [r.num_examples / total for r in replies]
-    keys = list(replies[0].arrays)
-
-    def mean(key: str) -> np.ndarray:
-        entries = [r.arrays[key] for r in replies]
-        if any(isinstance(e, RowUpdate) for e in entries):
-            if base is None:
-                raise PayloadError(f"{key!r} was sent row-sparse but no base params were given")
-            return _row_sparse_mean(entries, factors, base[key])
-        if not np.issubdtype(entries[0].dtype, np.inexact):  # as Flower: promoted to float64
-            return sum(e * f for e, f in zip(entries, factors, strict=True))
-        acc = np.multiply(entries[0], entries[0].dtype.type(factors[0]))
-        scratch = np.empty_like(acc)
-        for entry, factor in zip(entries[1:], factors[1:], strict=True):
-            acc += np.multiply(entry, acc.dtype.type(factor), out=scratch)
-        return acc
-
-    # memory-bound numpy: leaves in parallel (each leaf's arithmetic is unchanged)
-    first = [e.values if isinstance(e, RowUpdate) else e for e in replies[0].arrays.values()]
-    sizes = [len(replies) * x.nbytes for x in first]
-    return dict(zip(keys, map_arrays(mean, keys, sizes), strict=True))
-
-
-def _row_sparse_mean(entries: list[Any], factors: list[float], base: np.ndarray) -> np.ndarray:
-    acc = np.array(base)
-    for entry, factor in zip(entries, factors, strict=True):
-        f = acc.dtype.type(factor)
-        if isinstance(entry, RowUpdate):
-            acc[entry.rows] += (entry.values - base[entry.rows]) * f
-        else:
-            acc += (entry - base) * f
-    return acc
-
-
-def finite_mean(valid: list[ValidReply], record: RoundRecord, base: dict[str, np.ndarray],
-                min_clients: int) -> dict[str, np.ndarray] | None:
-    """:func:`weighted_mean` of replies screened without the NaN / inf check.
-
-    A non-finite value in any reply makes the average non-finite (every weight is > 0), so
-    the replies are read one by one only then: those holding NaN / inf are rejected (and
-    leave ``record.clients``) and the rest averaged again. The common case reads each reply
-    once instead of twice. None (noted in ``record``) if fewer than ``min_clients`` remain
-    or the average itself overflows.
-    """
-    out = weighted_mean(valid, base)
-    if non_finite_key(out) is None:
-        return out
-    good = []
+def fold_replies(running: RunningMean, valid: list[ValidReply], record: RoundRecord) -> None:
+    """Add screened replies to ``running``; one holding NaN / inf is rejected (and leaves
+    ``record.clients`` and the recorded client params) instead."""
     for reply in valid:
-        if (key := non_finite_key(reply.arrays)) is None:
-            good.append(reply)
+        if (key := running.add(reply.arrays, reply.num_examples)) is None:
             continue
         who = reply.result.client_id
         _reject(record, who, f"payload key {key!r} holds non-finite values (NaN or inf); "
@@ -322,15 +274,18 @@ def finite_mean(valid: list[ValidReply], record: RoundRecord, base: dict[str, np
         record.clients = [c for c in record.clients if c is not reply.result]
         if record.client_params:
             record.client_params.pop(who, None)
-    out = weighted_mean(good, base) if len(good) >= min_clients and good else None
-    if out is None or non_finite_key(out) is not None:
-        record.note = ((f"only {len(good)} valid updates, fewer than min_clients={min_clients}"
-                        if out is None else "the average of finite updates overflowed")
-                       + ": the global params were kept")
-        log.warning("round %d: %s", record.round, record.note)
-        return None
-    return out
 
+
+def finish_mean(running: RunningMean, record: RoundRecord, min_clients: int
+                ) -> dict[str, np.ndarray] | None:
+    """The round's FedAvg average, or None (noted in ``record``) if fewer than
+    ``min_clients`` valid replies were added."""
+    if running.count >= min_clients:
+        return running.mean()
+    record.note = (f"only {running.count} valid updates, fewer than min_clients={min_clients}"
+                   ": the global params were kept")
+    log.warning("round %d: %s", record.round, record.note)
+    return None
 
 
 def screen_eval_replies(replies: list[Message], record: RoundRecord,
@@ -352,11 +307,13 @@ def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
                       record: RoundRecord, *, base: dict[str, np.ndarray] | None = None,
                       min_clients: int = 1) -> dict[str, np.ndarray] | None:
     """The round's aggregate as ``{path: array}``, or None (noted in ``record``) when the
-    strategy cannot aggregate. FedAvg and FedProx average the screened arrays directly
-    (:func:`finite_mean`; dense replies: bitwise what Flower computes); the other
-    strategies and the DP wrapper run Flower's ``aggregate_train`` on the messages."""
+    strategy cannot aggregate. FedAvg and FedProx average the screened arrays themselves
+    (:class:`RunningMean`; :func:`serve` folds each reply in as it arrives instead); the
+    other strategies and the DP wrapper run Flower's ``aggregate_train`` on the messages."""
     if averages_itself(strategy):
-        return finite_mean(valid, record, base, min_clients)
+        running = RunningMean(base)
+        fold_replies(running, valid, record)
+        return finish_mean(running, record, min_clients)
     try:
         aggregated, _ = strategy.aggregate_train(server_round, [v.message for v in valid])
     except (AggregationError, InconsistentMessageReplies) as e:
@@ -366,6 +323,29 @@ def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
     if aggregated is None:
         return None
     return {key: aggregated[key].numpy() for key in aggregated.keys()}
+
+
+def receive_train(grid: Grid, messages: list[Message], task: Any, run: ServerRun,
+                  record: RoundRecord, base: dict[str, np.ndarray] | None, sparse: bool
+                  ) -> tuple[RunningMean | None, list[ValidReply]]:
+    """Send a round's train messages; screen the replies as they arrive and, where the
+    server averages itself (``sparse``), fold each into a :class:`RunningMean` at once
+    (nothing of a reply is kept but its row-sparse rows). Otherwise the screened replies
+    are returned for the strategy's ``aggregate_train``."""
+    running = RunningMean(base) if sparse else None
+    valid: list[ValidReply] = []
+
+    def arrived(replies: list[Message]) -> None:
+        screened = screen_train_replies(replies, task.template.params, record,
+                                        run.node_to_client, run.record_client_params,
+                                        base=base, check_finite=not sparse)
+        if running is not None:
+            fold_replies(running, screened, record)
+        else:
+            valid.extend(screened)
+
+    send_and_receive(grid, messages, task.round_timeout, on_reply=arrived)
+    return running, valid
 
 
 def with_extras(messages: Any, run: ServerRun) -> list[Message]:
@@ -399,21 +379,19 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
         for r in range(done + 1, c.rounds + 1):
             start = time.perf_counter()
             record = RoundRecord(round=r)
-            sparse = averages_itself(strategy)  # row-sparse replies, NaN check on the mean
+            sparse = averages_itself(strategy)  # row-sparse replies, folded in as they come
             train_config = {"local-steps": c.local_steps, "row-sparse": sparse,
                             **run.message_config}
             down = down if down is not None else to_arrayrecord(params)
             messages = with_extras(strategy.configure_train(
                 r, down, ConfigRecord(train_config), grid), run)
-            replies = send_and_receive(grid, messages, task.round_timeout)
             base = wire_flat(params) if sparse else None
-            valid = screen_train_replies(replies, template, record, run.node_to_client,
-                                         run.record_client_params, base=base,
-                                         check_finite=not sparse)
+            running, valid = receive_train(grid, messages, task, run, record, base, sparse)
             aggregated = None
-            if len(valid) >= c.min_clients:
-                aggregated = aggregate_replies(strategy, r, valid, record, base=base,
-                                               min_clients=c.min_clients)
+            if running is not None:
+                aggregated = finish_mean(running, record, c.min_clients)
+            elif len(valid) >= c.min_clients:
+                aggregated = aggregate_replies(strategy, r, valid, record)
             else:
                 record.note = (f"only {len(valid)} valid updates, fewer than min_clients="
                                f"{c.min_clients}: the global params were kept")

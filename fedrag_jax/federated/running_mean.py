@@ -1,0 +1,118 @@
+"""FedAvg's weighted mean, folded in as the replies arrive.
+
+    running = RunningMean(base)           # base: the round's global params, {path: array}
+    running.add(reply_arrays, n)          # each screened reply, as it comes in
+    mean = running.mean()
+
+The server pulls replies while the other clients are still training
+(``server.send_and_receive``), checks each one for NaN / inf and adds it to running sums at
+once. When the last client answers, only its own reply and the final scaling are left: the
+round's critical path holds one reply's work instead of every reply's, and the server holds
+the sums rather than all replies (memory O(model), not O(clients x model)).
+
+    mean = (sum_k n_k w_k) / N,   N = sum_k n_k
+
+with the products n_k w_k (exact: a float32 times an integer below 2**29) summed in float64
+and the mean rounded once to float32 at the end. Float64 sums make the result independent
+of the order the replies arrive in (bitwise for two replies; for more, a float32 rounding
+could differ only where the float64 sums of two orders straddle a rounding boundary, about
+once in 10**8 values), and one reply's mean is that reply exactly. Flower's FedAvg,
+sum_k (n_k / N) w_k in float32, agrees to float32 rounding but not bitwise. A leaf that
+replies sent row-sparse (:class:`payload.RowUpdate`) keeps only their sent rows until the
+end and is averaged as base + sum_k (n_k / N) (w_k - base) over those rows, so the rows
+nobody changed stay exactly the global ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import PayloadError
+from .payload import RowUpdate, map_arrays, non_finite_key
+
+
+class RunningMean:
+    """Example-weighted running mean of client params, ``{path: array}`` at wire dtypes."""
+
+    def __init__(self, base: Mapping[str, np.ndarray] | None = None):
+        self.base = base
+        self.sums: dict[str, np.ndarray] = {}  # float64 sum_k n_k w_k of whole leaves
+        self.weights: dict[str, float] = {}  # ... and their sum_k n_k
+        self.rows: dict[str, list[tuple[float, RowUpdate]]] = {}  # row-sparse leaves
+        self.dtypes: dict[str, np.dtype] = {}  # the whole leaves' wire dtypes
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, arrays: Mapping[str, Any], num_examples: int) -> str | None:
+        """Fold in one screened reply of ``num_examples`` (> 0). Returns the first key
+        holding NaN / inf, in which case nothing of the reply was added, else None."""
+        if (bad := non_finite_key(arrays)) is not None:
+            return bad
+        n = np.float64(num_examples)
+
+        def fold(key: str) -> None:
+            value = arrays[key]
+            if isinstance(value, RowUpdate):
+                if self.base is None:
+                    raise PayloadError(f"{key!r} was sent row-sparse but no base params "
+                                       "were given")
+                self.rows.setdefault(key, []).append((float(n), value))
+                return
+            self.dtypes.setdefault(key, value.dtype)
+            weighted = np.multiply(value, n, dtype=np.float64)  # exact for n < 2**29
+            if key in self.sums:
+                self.sums[key] += weighted
+            else:
+                self.sums[key] = weighted
+            self.weights[key] = self.weights.get(key, 0.0) + float(n)
+
+        keys = list(arrays)
+        sizes = [getattr(arrays[k], "values", arrays[k]).nbytes for k in keys]
+        map_arrays(fold, keys, sizes)  # memory-bound numpy: leaves on a few threads
+        self.total += float(n)
+        self.count += 1
+        return None
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The average of what was added (call once: the sums are divided in place). It is
+        finite: every value is a convex combination of finite float32 values (the base's
+        and the replies'), which float64 sums cannot overflow."""
+        if not self.count:
+            raise PayloadError("no reply was added to the mean")
+
+        def finish(key: str) -> np.ndarray:
+            if key not in self.rows:
+                return self._cast(np.divide(self.sums[key], self.total, out=self.sums[key]),
+                                  key)
+            base = self.base[key]
+            updates = self.rows[key]
+            if key in self.sums:  # mixed: the whole replies' sum + the others' base, then
+                out = self.sums[key]  # their sent rows' changes; all divided by N
+                out += base.astype(np.float64) * (self.total - self.weights[key])
+                for n, update in updates:
+                    out[update.rows] += n * (update.values.astype(np.float64)
+                                             - base[update.rows])
+                return self._cast(np.divide(out, self.total, out=out), key)
+            # only rows: base + sum_k (n_k / N) (w_k - base) on the rows sent, the other
+            # rows exactly base
+            touched = np.unique(np.concatenate([u.rows for _, u in updates]))
+            delta = np.zeros((len(touched), *base.shape[1:]), np.float64)
+            for n, update in updates:
+                delta[np.searchsorted(touched, update.rows)] += n * (
+                    update.values.astype(np.float64) - base[update.rows])
+            out = np.array(base)
+            out[touched] = base[touched] + delta / self.total
+            return out
+
+        keys = list(dict.fromkeys([*self.sums, *self.rows]))
+        sizes = [self.base[k].nbytes if k in self.rows else self.sums[k].nbytes for k in keys]
+        return dict(zip(keys, map_arrays(finish, keys, sizes), strict=True))
+
+    def _cast(self, mean: np.ndarray, key: str) -> np.ndarray:
+        """Back to the leaf's wire dtype (integer leaves stay float64, as Flower's do)."""
+        dtype = self.dtypes.get(key)
+        return mean if dtype is None or not np.issubdtype(dtype, np.inexact) \
+            else mean.astype(dtype)

@@ -17,10 +17,10 @@ and the mean rounded once to float32 at the end. Float64 sums make the result in
 of the order the replies arrive in (bitwise for two replies; for more, a float32 rounding
 could differ only where the float64 sums of two orders straddle a rounding boundary, about
 once in 10**8 values), and one reply's mean is that reply exactly. Flower's FedAvg,
-sum_k (n_k / N) w_k in float32, agrees to float32 rounding but not bitwise. A leaf that
-replies sent row-sparse (:class:`payload.RowUpdate`) keeps only their sent rows until the
-end and is averaged as base + sum_k (n_k / N) (w_k - base) over those rows, so the rows
-nobody changed stay exactly the global ones.
+sum_k (n_k / N) w_k in float32, agrees to float32 rounding but not bitwise. Of a leaf that
+replies sent row-sparse (:class:`payload.RowUpdate`) only the rows sent are summed,
+sum_k n_k (w_k - base), and the mean is base + that / N on those rows, so the rows nobody
+changed stay exactly the global ones.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ class RunningMean:
         self.base = base
         self.sums: dict[str, np.ndarray] = {}  # float64 sum_k n_k w_k of whole leaves
         self.weights: dict[str, float] = {}  # ... and their sum_k n_k
-        self.rows: dict[str, list[tuple[float, RowUpdate]]] = {}  # row-sparse leaves
+        # row-sparse leaves: float64 sum_k n_k (w_k - base) over the rows sent, which rows
+        # were sent, and a copy of base for the mean (made while the clients train)
+        self.deltas: dict[str, np.ndarray] = {}
+        self.touched: dict[str, np.ndarray] = {}
+        self.copies: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, np.dtype] = {}  # the whole leaves' wire dtypes
         self.total = 0.0
         self.count = 0
@@ -59,7 +63,14 @@ class RunningMean:
                 if self.base is None:
                     raise PayloadError(f"{key!r} was sent row-sparse but no base params "
                                        "were given")
-                self.rows.setdefault(key, []).append((float(n), value))
+                base = self.base[key]
+                if key not in self.deltas:
+                    self.deltas[key] = np.zeros(base.shape, np.float64)
+                    self.touched[key] = np.zeros(len(base), bool)
+                    self.copies[key] = np.array(base)
+                self.deltas[key][value.rows] += n * (value.values.astype(np.float64)
+                                                     - base[value.rows])
+                self.touched[key][value.rows] = True
                 return
             self.dtypes.setdefault(key, value.dtype)
             weighted = np.multiply(value, n, dtype=np.float64)  # exact for n < 2**29
@@ -77,42 +88,37 @@ class RunningMean:
         return None
 
     def mean(self) -> dict[str, np.ndarray]:
-        """The average of what was added (call once: the sums are divided in place). It is
+        """The average of what was added (call once: it may reuse the sums). It is
         finite: every value is a convex combination of finite float32 values (the base's
         and the replies'), which float64 sums cannot overflow."""
         if not self.count:
             raise PayloadError("no reply was added to the mean")
 
         def finish(key: str) -> np.ndarray:
-            if key not in self.rows:
-                return self._cast(np.divide(self.sums[key], self.total, out=self.sums[key]),
-                                  key)
-            base = self.base[key]
-            updates = self.rows[key]
-            if key in self.sums:  # mixed: the whole replies' sum + the others' base, then
-                out = self.sums[key]  # their sent rows' changes; all divided by N
+            if key not in self.deltas:
+                return self._divide(self.sums[key], key)
+            base, delta = self.base[key], self.deltas[key]
+            if key in self.sums:  # mixed: (whole replies' sum + the others' base and their
+                out = self.sums[key]  # sent rows' changes) / N
                 out += base.astype(np.float64) * (self.total - self.weights[key])
-                for n, update in updates:
-                    out[update.rows] += n * (update.values.astype(np.float64)
-                                             - base[update.rows])
-                return self._cast(np.divide(out, self.total, out=out), key)
+                out += delta
+                return self._divide(out, key)
             # only rows: base + sum_k (n_k / N) (w_k - base) on the rows sent, the other
             # rows exactly base
-            touched = np.unique(np.concatenate([u.rows for _, u in updates]))
-            delta = np.zeros((len(touched), *base.shape[1:]), np.float64)
-            for n, update in updates:
-                delta[np.searchsorted(touched, update.rows)] += n * (
-                    update.values.astype(np.float64) - base[update.rows])
-            out = np.array(base)
-            out[touched] = base[touched] + delta / self.total
+            rows = np.flatnonzero(self.touched[key])
+            out = self.copies.pop(key)
+            out[rows] = base[rows] + delta[rows] / self.total
             return out
 
-        keys = list(dict.fromkeys([*self.sums, *self.rows]))
-        sizes = [self.base[k].nbytes if k in self.rows else self.sums[k].nbytes for k in keys]
+        keys = list(dict.fromkeys([*self.sums, *self.deltas]))
+        sizes = [self.deltas[k].nbytes if k in self.deltas else self.sums[k].nbytes
+                 for k in keys]
         return dict(zip(keys, map_arrays(finish, keys, sizes), strict=True))
 
-    def _cast(self, mean: np.ndarray, key: str) -> np.ndarray:
-        """Back to the leaf's wire dtype (integer leaves stay float64, as Flower's do)."""
+    def _divide(self, sums: np.ndarray, key: str) -> np.ndarray:
+        """sums / N at the leaf's wire dtype, divided and rounded in one pass (integer
+        leaves stay float64, as Flower's do)."""
         dtype = self.dtypes.get(key)
-        return mean if dtype is None or not np.issubdtype(dtype, np.inexact) \
-            else mean.astype(dtype)
+        if dtype is None or not np.issubdtype(dtype, np.inexact):
+            return np.divide(sums, self.total, out=sums)
+        return np.divide(sums, self.total, out=np.empty(sums.shape, dtype), casting="same_kind")

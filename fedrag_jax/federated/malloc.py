@@ -17,7 +17,6 @@ Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing. Set
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -38,12 +37,11 @@ def reuse_large_buffers() -> bool:
     _tuned = False
     if os.environ.get("FEDRAG_JAX_MALLOC", "").lower() == "default":
         return _tuned
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+    if not sys.platform.startswith("linux"):
+        return _tuned
+    try:  # the process's own symbols: libc's, without looking for the library (a subprocess)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None or not sys.platform.startswith("linux"):
         return _tuned
     # mallopt returns 1 on success; musl's stub returns 0
     _tuned = bool(mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) \

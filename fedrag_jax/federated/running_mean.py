@@ -99,7 +99,8 @@ class RunningMean:
                 return self._divide(self.sums[key], key)
             base, delta = self.base[key], self.deltas[key]
             if key in self.sums:  # mixed: (whole replies' sum + the others' base and their
-                out = self.sums[key]  # sent rows' changes) / N
+                self.copies.pop(key)  # sent rows' changes) / N
+                out = self.sums[key]
                 out += base.astype(np.float64) * (self.total - self.weights[key])
                 out += delta
                 return self._divide(out, key)

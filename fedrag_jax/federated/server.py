@@ -280,7 +280,7 @@ def finish_mean(running: RunningMean, record: RoundRecord, min_clients: int
                 ) -> dict[str, np.ndarray] | None:
     """The round's FedAvg average, or None (noted in ``record``) if fewer than
     ``min_clients`` valid replies were added."""
-    if running.count >= min_clients:
+    if running.count and running.count >= min_clients:
         return running.mean()
     record.note = (f"only {running.count} valid updates, fewer than min_clients={min_clients}"
                    ": the global params were kept")
@@ -330,7 +330,7 @@ def receive_train(grid: Grid, messages: list[Message], task: Any, run: ServerRun
                   ) -> tuple[RunningMean | None, list[ValidReply]]:
     """Send a round's train messages; screen the replies as they arrive and, where the
     server averages itself (``sparse``), fold each into a :class:`RunningMean` at once
-    (nothing of a reply is kept but its row-sparse rows). Otherwise the screened replies
+    (nothing of a reply is kept). Otherwise the screened replies
     are returned for the strategy's ``aggregate_train``."""
     running = RunningMean(base) if sparse else None
     valid: list[ValidReply] = []

@@ -420,6 +420,8 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
             fold_replies(running, screen_train_replies([msg], template, record, {}, False,
                                                        base=base, check_finite=False), record)
             per_reply.append(time.perf_counter() - start)
+        if running.count != clients:
+            raise RuntimeError(f"{name}: the server rejected {clients - running.count} replies")
         start = time.perf_counter()
         out = finish_mean(running, record, 2)
         return out, per_reply, time.perf_counter() - start
@@ -437,7 +439,7 @@ def measure_round(task: Any, name: str, *, clients: int, repeat: int) -> dict[st
         finalize.append(finish_s)
         fold_all.append(sum(per_reply))
     if aggregated is None:
-        raise RuntimeError(f"{name}: the average was not taken (rejected replies?)")
+        raise RuntimeError(f"{name}: the average was not taken")
     valid = screen_train_replies(replies, template, RoundRecord(round=2), {}, False,
                                  base=base, check_finite=False)
     _, aggregate_all = timed(lambda: aggregate_replies(  # all replies at once, for reference

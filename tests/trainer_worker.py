@@ -80,13 +80,15 @@ STEP = jax.jit(functools.partial(lsr_step, tau_retrieval=1.0, tau_lm=1.0), donat
 
 @jax.jit
 def _eval_loss(state: TrainState, batch):
-    return lsr_objective(state.model(), batch, tau_retrieval=1.0, tau_lm=1.0)
+    total, aux = lsr_objective(state.model(), batch, tau_retrieval=1.0, tau_lm=1.0)
+    p_best, n = aux["p_retrieval_of_lm_best"]
+    return total / aux["weight"], p_best / n
 
 
 def make_eval_fn(data: SyntheticLSR):
     def eval_fn(state: TrainState) -> dict[str, float]:
-        value, aux = _eval_loss(state, data.batches[0])
-        return {"eval_loss": float(value), "p_best": float(aux["p_retrieval_of_lm_best"])}
+        value, p_best = _eval_loss(state, data.batches[0])
+        return {"eval_loss": float(value), "p_best": float(p_best)}
 
     return eval_fn
 

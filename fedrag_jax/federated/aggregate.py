@@ -75,12 +75,19 @@ def prox_objective(objective: Callable, global_params: Any, mu: float,
 
     A loss term, so ``train_step`` differentiates it like any other; the task loss is kept in
     the aux metrics as ``task_loss`` (what a client reports) and the term as ``prox_term``.
+    The objective returns a loss *sum* and its weight (``finetune.steps``): the term is
+    added ``weight`` times, so that the step's mean is the task mean + mu/2 ||w - w_g||^2
+    however the batch is split into micro-batches.
     """
 
     def wrapped(model: nnx.Module, batch: Any):
-        loss, aux = objective(model, batch)
+        total, aux = objective(model, batch)
+        aux = dict(aux)
+        weight = jnp.asarray(aux.get("weight", 1.0), jnp.float32)
+        aux["weight"] = weight
         term = proximal_term(nnx.state(model, trainable), global_params)
-        return loss + 0.5 * mu * term, {**aux, "task_loss": loss, "prox_term": term}
+        return total + weight * 0.5 * mu * term, {
+            **aux, "task_loss": (total, weight), "prox_term": (term * weight, weight)}
 
     return wrapped
 

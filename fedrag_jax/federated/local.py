@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..finetune.steps import TrainState, train_step
+from ..finetune.steps import TrainState, objective_mean, train_step
 from .aggregate import prox_objective
 
 
@@ -96,8 +96,10 @@ class ClientStep:
         objective = self.objective
         if self.mu:
             objective = prox_objective(objective, anchor, self.mu, self.trainable)
+        # skip_nonfinite=False: a diverged client's NaN reaches the server, which rejects
+        # the update (a skipped step would send back the round's params as if trained)
         new, metrics = train_step(state.replace(frozen=frozen), batch, objective=objective,
-                                  micro_batches=self.micro_batches)
+                                  micro_batches=self.micro_batches, skip_nonfinite=False)
         return new.replace(frozen=None), metrics
 
     def jitted(self) -> Callable:
@@ -106,8 +108,8 @@ class ClientStep:
         return self._jitted
 
     def loss(self, graphdef: nnx.GraphDef, params: Any, frozen: Any, batch: dict) -> jax.Array:
-        """The task loss of ``params`` on ``batch`` (no update)."""
-        return self.objective(nnx.merge(graphdef, params, frozen), batch)[0]
+        """The task loss of ``params`` on ``batch`` (its mean; no update)."""
+        return objective_mean(self.objective, nnx.merge(graphdef, params, frozen), batch)
 
     def eval_jitted(self) -> Callable:
         if self._eval is None:

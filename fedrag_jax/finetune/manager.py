@@ -375,16 +375,16 @@ class FinetuneManager:
 
         @functools.partial(jax.jit, static_argnames="graphdef")
         def batch_loss(params, frozen, graphdef, batch):
-            return ralt_objective(nnx.merge(graphdef, params, frozen), batch)[0]
+            total, aux = ralt_objective(nnx.merge(graphdef, params, frozen), batch)
+            return total, aux["weight"]
 
         def loss(state: TrainState) -> float:
+            # the mean over every dev target token, as training averages (padding weighs 0)
             total = weight = 0.0
             for batch in batches:
-                n = float(np.count_nonzero(batch["weights"]))  # padding examples weigh 0
-                total += n * float(batch_loss(state.params, state.frozen, state.graphdef,
-                                              batch))
-                weight += n
-            return total / max(weight, 1.0)
+                s, w = batch_loss(state.params, state.frozen, state.graphdef, batch)
+                total, weight = total + float(s), weight + float(w)
+            return total / weight if weight > 0 else float("nan")
 
         return loss
 

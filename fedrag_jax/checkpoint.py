@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -35,6 +36,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    NonFiniteError,
     WeightMismatchError,
 )
 
@@ -100,6 +102,28 @@ def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
     if not hasattr(leaf, "dtype"):
         leaf = np.asarray(leaf)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_leaves(flat: dict[str, Any]) -> list[str]:
+    """The names of the floating-point leaves that hold NaN or inf (one device reduction for
+    the device arrays, NumPy for host ones)."""
+    floats = {k: v for k, v in flat.items() if hasattr(v, "dtype") and not _is_key(v)
+              and jnp.issubdtype(v.dtype, jnp.inexact)}
+    bad = [k for k, v in floats.items() if not isinstance(v, jax.Array)
+           and not np.isfinite(np.asarray(v)).all()]
+    groups: dict[frozenset, list[str]] = {}  # one reduction per set of devices
+    for k, v in floats.items():
+        if isinstance(v, jax.Array):
+            groups.setdefault(frozenset(v.sharding.device_set), []).append(k)
+    for names in groups.values():
+        ok = np.asarray(jax.device_get(_all_finite([floats[k] for k in names])))
+        bad += [k for k, good in zip(names, ok, strict=True) if not good]
+    return sorted(bad)
 
 
 def _layout(flat: dict[str, Any]) -> dict[str, list]:
@@ -209,12 +233,21 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metadata: dict | None = None) -> None:
         """Checkpoint ``state`` (any pytree of arrays, e.g. a TrainState) as ``step``.
 
-        ``metadata`` must be JSON-serialisable (data position, epoch, config, ...).
+        ``metadata`` must be JSON-serialisable (data position, epoch, config, ...). A state
+        holding NaN or inf is refused (:class:`NonFiniteError`): it would pass the integrity
+        check, be resumed from and evict good checkpoints.
         """
         self.wait()  # one save in flight at a time (orbax would wait here anyway)
         step = int(step)
-        self._clear_newer(step)
         flat, _ = flatten_state(state)
+        bad = nonfinite_leaves(flat)
+        if bad:
+            raise NonFiniteError(
+                f"refusing to checkpoint step {step} in {self.directory}: "
+                + ", ".join(repr(k) for k in bad[:5]) + (f" (+{len(bad) - 5} more)" if
+                                                          len(bad) > 5 else "")
+                + " hold NaN or inf; the earlier checkpoints are kept")
+        self._clear_newer(step)
         flat = {k: _to_saveable(v) for k, v in flat.items()}
         try:
             meta_json = json.loads(json.dumps(metadata or {}))

@@ -94,7 +94,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     system = RAGSystem.from_parts(retriever=args.retriever or info["retriever"],
                                   generator=args.generator or info["generator"],
                                   store=index / "store", config=RAGConfig(top_k=args.top_k),
-                                  max_new_tokens=args.max_new_tokens, max_context_tokens=200)
+                                  max_new_tokens=args.max_new_tokens, max_context_tokens=200,
+                                  allow_foreign_store=args.allow_foreign_store)
     response = system.query(args.question)
     print(response.answer)
     print("\nsources:")
@@ -195,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.rag is not None:
         from .rag import RAGSystem
 
-        rag = RAGSystem.from_pretrained(args.rag)
+        rag = RAGSystem.from_pretrained(args.rag, allow_foreign_store=args.allow_foreign_store)
         default_out = Path(args.rag).absolute().parent / "eval" / name
     else:
         from .finetune.manager import build_rag_system
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--retriever", default=None, help="override the index's retriever")
     p.add_argument("--generator", default=None, help="override the index's generator")
+    p.add_argument("--allow-foreign-store", action="store_true",
+                   help="search the index even if another retriever built it")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("train", help="fine-tune (LSR / RALT) from a config",
@@ -326,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
     p.add_argument("--top-k", type=int, default=None, help="override the system's top_k")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--allow-foreign-store", action="store_true",
+                   help="--rag: load the system even if another retriever built its store")
     p.add_argument("--output", default=None,
                    help="folder for examples.jsonl + aggregate.json (default: eval/NAME "
                         "beside the saved system, or under the config's output_dir)")

@@ -170,6 +170,15 @@ class Config:
     keep_checkpoints: int = 3  # newest checkpoints kept
     progress: bool = True  # progress bars
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host TPU/GPU)
+    # A NaN / inf loss or gradient in centralized training is never applied. "stop" ends the
+    # run there with NonFiniteError (the checkpoints so far are good); "skip" goes on and
+    # counts it (metrics: nonfinite, nonfinite_steps). Stop by default: in a fine-tune of
+    # tens to thousands of steps a NaN means a bad setting or bad data, which a run that
+    # quietly skips on would hide.
+    nonfinite: Literal["skip", "stop"] = "stop"  # a NaN / inf step: stop the run, or skip it
+    # use a loaded store (data.index, a silo's store-path) even when another retriever built
+    # it (its embedding_model_hash differs from the retriever in use)
+    allow_foreign_store: bool = False  # accept a store another retriever built
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

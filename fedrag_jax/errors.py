@@ -84,3 +84,20 @@ class SiloDataError(DataError):
 
 class PayloadError(FedRAGJaxError, ValueError):
     """A federated parameter payload failed validation (structure, shape, dtype, non-finite)."""
+
+
+# --- training guards (issue 16) -------------------------------------------------------------
+class ResumeMismatchError(ConfigError):
+    """A run would resume checkpoints written under other settings (centralized or
+    federated): the message names the differing keys and how to start fresh."""
+
+
+class NonFiniteError(FedRAGJaxError, FloatingPointError):
+    """A training step's loss or gradient is NaN / inf (``nonfinite: stop``), or a state
+    holding NaN / inf was about to be checkpointed."""
+
+
+class StoreFingerprintError(KnowledgeStoreError):
+    """A knowledge store's embeddings were made by another retriever than the one in use
+    (its ``embedding_model_hash`` differs): searching it would rank passages by meaningless
+    scores."""

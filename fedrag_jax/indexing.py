@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import assets
-from .errors import DataError
+from .errors import DataError, StoreFingerprintError
 from .jsonl import read_jsonl
 from .knowledge_store import KnowledgeStore, default_store
 from .retriever import DualEncoder
 from .types import KnowledgeNode
+
+log = logging.getLogger(__name__)
 
 
 def passage_text(entry: dict) -> str:
@@ -66,6 +69,34 @@ def model_fingerprint(retriever: DualEncoder) -> str:
     for leaf in jax.tree.leaves(nnx.state(encoder, nnx.Param)):
         h.update(np.asarray(leaf).tobytes())
     return h.hexdigest()[:16]
+
+
+def check_store_fingerprint(store: KnowledgeStore, retriever: DualEncoder, *,
+                            allow_foreign: bool = False, where: Any = None) -> None:
+    """Refuse ``store`` if another retriever made its embeddings: its recorded
+    ``embedding_model_hash`` differs from ``retriever``'s (:func:`model_fingerprint`).
+
+    A store that records no fingerprint (built by hand) is accepted. ``allow_foreign``: the
+    user says the embeddings fit (e.g. the same weights in another dtype); then a mismatch is
+    only logged.
+    """
+    recorded = getattr(store, "embedding_model_hash", None)
+    if not recorded:
+        return
+    current = model_fingerprint(retriever)
+    if recorded == current:
+        return
+    name = store.embedding_model or "an unnamed retriever"
+    message = (f"the knowledge store {where or ''} was built by another retriever "
+               f"({name}, fingerprint {recorded}) than the one in use ({retriever.name or 'this'}"
+               f" one, fingerprint {current}): its passage embeddings do not match this "
+               "retriever's queries. Rebuild the index with this retriever "
+               "(`fedrag-jax index build --retriever ...`), use the retriever that built it, "
+               "or, if you know the embeddings fit, pass --allow-foreign-store "
+               "(config: allow_foreign_store=true)")
+    if not allow_foreign:
+        raise StoreFingerprintError(message.replace("  ", " "))
+    log.warning("%s; allowed by allow_foreign_store", message.replace("  ", " "))
 
 
 def build_store(corpus: Sequence[dict], retriever: DualEncoder, *, backend: str = "auto",

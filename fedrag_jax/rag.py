@@ -111,7 +111,10 @@ class RAGSystem:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
-                        mesh=None) -> RAGSystem:
+                        mesh=None, allow_foreign_store: bool = False) -> RAGSystem:
+        """Load a saved system; its store must have been built by its retriever
+        (:class:`~fedrag_jax.errors.StoreFingerprintError` otherwise, unless
+        ``allow_foreign_store``)."""
         path = Path(path)
         cfg_file = path / "rag_config.json"
         if not cfg_file.is_file():
@@ -123,7 +126,8 @@ class RAGSystem:
             **settings["retriever"])
         generator = Generator.from_pretrained(path / "generator", dtype=dtype, mesh=mesh,
                                               use_chat_template=settings["use_chat_template"])
-        return cls(retriever, load_store(path / "store"), generator,
+        store = _matching_store(path / "store", retriever, allow_foreign_store)
+        return cls(retriever, store, generator,
                    RAGConfig(**settings["rag"]), max_new_tokens=settings["max_new_tokens"],
                    max_context_tokens=settings["max_context_tokens"])
 
@@ -131,11 +135,22 @@ class RAGSystem:
     def from_parts(cls, *, retriever: str | os.PathLike, generator: str | os.PathLike,
                    store: str | os.PathLike, config: RAGConfig | None = None,
                    context_retriever: str | os.PathLike | None = None, dtype: str | None = None,
-                   mesh=None, **kwargs) -> RAGSystem:
-        """Build from a retriever folder, a generator folder or GGUF, and a saved store."""
-        return cls(DualEncoder.from_pretrained(retriever, context_retriever, dtype=dtype,
-                                               mesh=mesh),
-                   load_store(store),
+                   mesh=None, allow_foreign_store: bool = False, **kwargs) -> RAGSystem:
+        """Build from a retriever folder, a generator folder or GGUF, and a saved store (which
+        that retriever must have built, unless ``allow_foreign_store``)."""
+        encoder = DualEncoder.from_pretrained(retriever, context_retriever, dtype=dtype,
+                                              mesh=mesh)
+        return cls(encoder, _matching_store(store, encoder, allow_foreign_store),
                    Generator.from_pretrained(generator, dtype=dtype, mesh=mesh),
                    config, **kwargs)
+
+
+def _matching_store(path: str | os.PathLike, retriever: DualEncoder,
+                    allow_foreign: bool) -> KnowledgeStore:
+    """The store at ``path``, checked to be ``retriever``'s (indexing.check_store_fingerprint)."""
+    from .indexing import check_store_fingerprint
+
+    store = load_store(path)
+    check_store_fingerprint(store, retriever, allow_foreign=allow_foreign, where=path)
+    return store
 

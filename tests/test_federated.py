@@ -1016,6 +1016,23 @@ def test_spmd_rejects_a_diverged_client(spmd4):
 
 
 
+def test_partial_participation_samples_the_same_clients_on_both_engines(spmd4, task_identity):
+    """fraction_train < 1: the Flower server trains the clients the SPMD engine samples
+    (one seeded draw per round), so both engines still give the same parameters."""
+    task, _ = spmd4
+    original = task.config
+    try:
+        task.config = dataclasses.replace(original, fraction_train=0.5, rounds=3)
+        spmd = task.run_spmd(devices_per_client=2)
+        flower = serve(LocalGrid(make_client_app(task), 4), task, ServerRun())
+    finally:
+        task.config = original
+    chosen = [sorted(c.client_id for c in r.clients) for r in spmd.history]
+    assert all(len(c) == 2 for c in chosen) and len({tuple(c) for c in chosen}) > 1
+    assert [sorted(c.client_id for c in r.clients) for r in flower.history] == chosen
+    assert_close(flatten_params(spmd.params), flatten_params(flower.params))
+
+
 # --- differential privacy (Flower's client-side fixed clipping) -------------------------------
 def _norm(flat: dict, base: dict) -> float:
     return float(np.sqrt(sum(np.sum((flat[k].astype(np.float64) - base[k]) ** 2) for k in flat)))
@@ -1048,9 +1065,11 @@ def test_dp_clips_every_client_update_and_noises_the_average(task_identity):
         scale = clip / norms[cid]
         assert_close(sent[cid], {k: base[k] + scale * (raw[cid][k] - base[k]) for k in base},
                      atol=1e-6)
-    # noise 0: the aggregate is the plain weighted average of the clipped updates
+    # noise 0: the aggregate is the *uniform* average of the clipped updates: the noise
+    # (std z * clip / clients) is calibrated for it, not for example-count weights
+    assert len(set(sizes)) > 1
     assert_close(flatten_params(clipped.params), weighted_average(
-        [sent[c] for c in range(3)], sizes))
+        [sent[c] for c in range(3)], [1, 1, 1]))
     # noise multiplier z: the aggregate moves by N(0, (z * clip / clients)^2) per coordinate
     a, b = flatten_params(noisy.params), flatten_params(clipped.params)
     diff = np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in a])
@@ -1069,6 +1088,13 @@ def test_dp_settings_are_checked():
     task.config = dataclasses.replace(task.config, dp_clipping_norm=1.0)
     with pytest.raises(ConfigError, match="Flower paths"):
         task.run_spmd()
+    # the noise is calibrated for a uniform mean: rules that are not one are refused
+    for strategy in ("fedadam", "fedmedian"):
+        task.config = dataclasses.replace(task.config, strategy=strategy)
+        with pytest.raises(ConfigError, match="fedavg or fedprox"):
+            task._validate()
+        with pytest.raises(ConfigError, match="fedavg or fedprox"):
+            make_strategy(strategy, StrategyOptions(), min_clients=2, dp_clipping_norm=1.0)
 
 
 # --- secure aggregation (SecAgg+ on Flower's legacy workflow) ---------------------------------

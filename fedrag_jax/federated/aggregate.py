@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..errors import ConfigError
@@ -50,6 +51,34 @@ class StrategyOptions:
         """Read the fields of this class that a FederatedConfig has (the rest: defaults)."""
         names = cls.__dataclass_fields__
         return cls(**{k: getattr(config, k) for k in names if hasattr(config, k)})
+
+
+def clients_per_round(config: Any) -> int:
+    """Clients sampled per round, as Flower counts them: max(int(n * fraction_train),
+    min_clients), at most n."""
+    n = config.num_clients
+    return min(n, max(int(n * config.fraction_train), config.min_clients))
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int]:
+    """The clients that train in round ``round_``: all of them, or a draw of ``k`` seeded by
+    (seed, round). Both engines use it (the Flower server offers its strategy only the
+    chosen nodes), so partial participation trains the same clients on either."""
+    if k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, round_])
+    return sorted(int(c) for c in rng.choice(num_clients, k, replace=False))
+
+
+def check_dp_strategy(name: str, dp_clipping_norm: float | None) -> None:
+    """Central DP (Flower's fixed-clipping wrappers) adds noise of std z * C / m to a
+    *uniform* mean of m clipped updates: its guarantee holds for FedAvg / FedProx averaged
+    with equal weights, not for a server optimizer (FedAdam, FedYogi: the noise would be
+    added after their step) nor a median / trimmed mean (other sensitivity)."""
+    if dp_clipping_norm is not None and check_strategy(name) not in ("fedavg", "fedprox"):
+        raise ConfigError(f"differential privacy (dp_clipping_norm) calibrates its noise for a "
+                          f"uniform mean of clipped updates: use strategy fedavg or fedprox, "
+                          f"not {name!r}")
 
 
 def check_strategy(name: str) -> str:

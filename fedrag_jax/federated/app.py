@@ -275,14 +275,15 @@ def silo_task(config: Config, method: str, client_id: int, files: dict[str, Path
 def server_task(run_config: dict[str, Any], phase: str | None = None) -> ServerTask:
     """The server's side of the task (of ``phase``, default the run's one method): the
     trainable params, built from the models alone."""
-    from ..finetune.manager import _path, lsr_model, ralt_model
+    from ..finetune.manager import _path, lsr_model, ralt_model, run_settings
     from ..finetune.optimizer import make_optimizer
     from ..finetune.steps import TrainState
     from .aggregate import StrategyOptions
 
     config = config_from_run_config(run_config)
     m = config.model
-    if (phase or method_of(config, run_config)) == "lsr":
+    phase = phase or method_of(config, run_config)
+    if phase == "lsr":
         from ..retriever import DualEncoder
 
         retriever = DualEncoder.from_pretrained(
@@ -298,7 +299,8 @@ def server_task(run_config: dict[str, Any], phase: str | None = None) -> ServerT
     template = TrainState.create(model, make_optimizer(opt), trainable, config.seed)
     return ServerTask(template=template, config=config.fed,
                       options=StrategyOptions.from_config(config.fed),
-                      has_eval=evaluate_of(run_config))
+                      has_eval=evaluate_of(run_config), seed=config.seed,
+                      settings=run_settings(config, f"federated_{phase}"))
 
 
 # --- the components Flower loads ------------------------------------------------------------

@@ -6,9 +6,10 @@ A node learns which client it is from its node config's ``partition-id`` (set by
 simulation engine, or ``flower-supernode --node-config "partition-id=0"``). Messages:
 
     train            arrays (global params, keyed by path) + config {server-round,
-                     proximal-mu?, row-sparse?} -> arrays (the client's params; with
-                     row-sparse, a large matrix's changed rows only) + metrics
-                     {num-examples, train_loss, examples_seen, local_steps}
+                     proximal-mu?, row-sparse?, clipping_norm?} -> arrays (the client's
+                     params; with row-sparse, a large matrix's changed rows only) + metrics
+                     {num-examples, train_loss, examples_seen, local_steps,
+                     learning_rates (one per local step)}
     evaluate         arrays -> metrics {num-examples, eval_loss}
     query.identify   -> config {client-id}: lets the server name nodes by client id
 
@@ -17,17 +18,19 @@ What the server sends is validated like what clients send (payload.from_arrayrec
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PayloadError
 from .malloc import reuse_large_buffers
 from .payload import from_arrayrecord, read_arrayrecord, to_arrayrecord, tree_from_flat
 
+log = logging.getLogger(__name__)
 IDENTIFY = "identify"
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # Flower strategies' record keys
 
@@ -80,10 +83,11 @@ def handle_train(task: Any, msg: Message, context: Context) -> Message:
     round_ = int(config["server-round"])
     mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0
     new_params, m = task.client_update(cid, params, round_, mu)
-    metrics = MetricRecord({"num-examples": int(m["num_examples"]),
-                            "train_loss": float(m["train_loss"]),
-                            "examples_seen": int(m["examples_seen"]),
-                            "local_steps": int(m["steps"])})
+    values = {"num-examples": int(m["num_examples"]), "train_loss": float(m["train_loss"]),
+              "examples_seen": int(m["examples_seen"]), "local_steps": int(m["steps"])}
+    if m.get("learning_rates"):
+        values["learning_rates"] = [float(x) for x in m["learning_rates"]]
+    metrics = MetricRecord(values)
     # a server that averages itself asks for row-sparse updates (payload.py)
     base = received if config.get("row-sparse", False) else None
     return Message(RecordDict({ARRAYS: to_arrayrecord(new_params, base=base),
@@ -105,19 +109,51 @@ def handle_identify(num_clients: int, msg: Message, context: Context) -> Message
     return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), reply_to=msg)
 
 
+def clip_update(trained: dict[str, np.ndarray], sent: dict[str, np.ndarray],
+                norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """``sent + (trained - sent) * min(1, norm / ||trained - sent||_2)`` (the norm over every
+    leaf, in float64; Flower's FlatClip) at the trained arrays' dtypes, and the update's
+    norm before clipping."""
+    update = {k: trained[k].astype(np.float64) - sent[k] for k in sent}
+    size = float(np.sqrt(sum(np.sum(u * u) for u in update.values())))
+    scale = min(1.0, norm / size) if size > 0 else 1.0
+    return {k: (sent[k] + update[k] * scale).astype(trained[k].dtype) for k in sent}, size
+
+
 def dp_clipping_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's ``fixedclipping_mod`` on the train messages that ask for it.
+    """Client-side fixed clipping on the train messages that ask for it.
 
     A server with ``dp_clipping_norm`` set (``DifferentialPrivacyClientSideFixedClipping``)
     puts the norm into every train config; the client's update (params - global) is then
-    scaled by min(1, norm / ||update||_2) over all trainable leaves before it is sent.
-    Other messages, and train messages without the key, pass untouched, so one ClientApp
-    serves runs with and without DP.
+    scaled by min(1, norm / ||update||_2) over all trainable leaves before it is sent, as
+    Flower's ``fixedclipping_mod`` does, but on the trained arrays (the ``arrays`` record)
+    only: a both-run's RALT messages also carry the federated query tower (another
+    ArrayRecord, read-only context), which Flower's mod refuses (it answers any message with
+    two ArrayRecords with an error). Other messages, and train messages without the key,
+    pass untouched, so one ClientApp serves runs with and without DP.
     """
-    if msg.metadata.message_type == "train" and CONFIG in msg.content.config_records \
-            and KEY_CLIPPING_NORM in msg.content[CONFIG]:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    content = msg.content
+    if not (msg.metadata.message_type == "train" and CONFIG in content.config_records
+            and KEY_CLIPPING_NORM in content[CONFIG]):
+        return call_next(msg, context)
+    norm = float(content[CONFIG][KEY_CLIPPING_NORM])
+    if ARRAYS not in content.array_records:
+        raise PayloadError(f"a DP train message needs an ArrayRecord named {ARRAYS!r}")
+    sent_record = content[ARRAYS]
+    keys = list(sent_record.keys())
+    sent = {k: sent_record[k].numpy().astype(np.float64) for k in keys}
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained_record = reply.content.array_records.get(ARRAYS)
+    if trained_record is None or list(trained_record.keys()) != keys:
+        raise PayloadError("the DP clipping mod needs the reply's arrays keyed as the "
+                           "server's (a row-sparse or partial reply cannot be clipped)")
+    clipped, size = clip_update({k: trained_record[k].numpy() for k in keys}, sent, norm)
+    reply.content[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                         for k, v in clipped.items()})
+    log.info("dp_clipping_mod: update norm %.4g clipped to %.4g", size, min(size, norm))
+    return reply
 
 
 def make_client_app(task: Any, *, mods: list | None = None) -> ClientApp:

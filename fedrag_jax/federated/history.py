@@ -6,8 +6,9 @@ or failed (raised), whether the round aggregated at all, and the clients' evalua
 new global params. Both engines write the same records.
 
 The server checkpoints after every round (orbax, through :class:`CheckpointManager`): the
-global params, the server optimizer's moments (FedAdam/FedYogi) and the history, so a run
-resumes after the last completed round.
+global params, the server optimizer's moments (FedAdam/FedYogi), the history and the run's
+settings, so a run resumes after the last completed round, and only under the settings that
+wrote it (the centralized trainer's check: :func:`finetune.trainer.check_settings`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ClientResult:
     train_loss: float  # mean of its real local step losses
     examples_seen: int = 0
     steps: int = 0
+    learning_rates: list[float] = field(default_factory=list)  # of each local step
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RoundRecord:
     note: str = ""
     evaluation: list[dict[str, Any]] = field(default_factory=list)  # {client_id, eval_loss, n}
     seconds: float = 0.0
+    update_norm: float | None = None  # ||new global params - old|| (None: not aggregated)
     # each aggregated client's params ({path: array}); only when asked for, never saved
     client_params: dict[int | str, dict[str, np.ndarray]] | None = field(default=None, repr=False)
 
@@ -96,17 +99,24 @@ class FederatedResult:
 
 
 class RoundCheckpoints:
-    """Per-round server checkpoints under ``directory``; step number = completed round."""
+    """Per-round server checkpoints under ``directory``; step number = completed round.
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    ``settings``: what decides the run's trajectory (``finetune.manager.run_settings``);
+    saved with every round and compared on resume."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3,
+                 settings: dict[str, Any] | None = None):
         self.directory = outputs.out_path(directory)  # local or gs://
         self.manager = CheckpointManager(self.directory, keep=keep, async_save=False)
+        self.settings = settings
 
     def save(self, round_: int, params: Any, server_state: dict | None,
              history: list[RoundRecord], strategy: str, engine: str) -> None:
         state = {"params": params, "server": server_state or {}}
         meta = {"round": round_, "strategy": strategy, "engine": engine,
                 "history": [r.to_dict() for r in history]}
+        if self.settings is not None:
+            meta["settings"] = self.settings
         self.manager.save(round_, jax.device_get(state), meta)  # every process
         if outputs.is_primary():
             outputs.write_text(self.directory / "history.json", json.dumps(meta, indent=1))
@@ -116,6 +126,8 @@ class RoundCheckpoints:
         """(round, params, server_state, history) of the newest good checkpoint, or None."""
         if self.manager.latest_step() is None:
             return None
+        from ..finetune.trainer import check_settings
+
         template = {"params": params_template, "server": server_template or {}}
         try:
             state, meta = self.manager.restore(template)
@@ -127,6 +139,8 @@ class RoundCheckpoints:
             raise ConfigError(f"the federated checkpoint in {self.directory} was written with "
                               f"strategy {meta.get('strategy')!r}, this run uses {strategy!r}; "
                               "use another checkpoint directory")
+        if self.settings is not None and meta.get("settings") is not None:
+            check_settings(meta["settings"], self.settings, self.directory)
         history = [RoundRecord.from_dict(r) for r in meta.get("history", [])]
         log.info("resuming federated run after round %d from %s", meta["round"], self.directory)
         return int(meta["round"]), state["params"], state["server"] or None, history
@@ -150,7 +164,7 @@ def open_run(task: Any, checkpoint_dir: str | os.PathLike | None, resume: bool
     server = server_template(task.strategy, params)
     if checkpoint_dir is None:
         return None, 0, params, server, []
-    ckpt = RoundCheckpoints(checkpoint_dir)
+    ckpt = RoundCheckpoints(checkpoint_dir, settings=getattr(task, "settings", None))
     if resume:
         restored = ckpt.restore(params, server, task.strategy)
         if restored is not None:

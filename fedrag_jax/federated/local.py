@@ -2,9 +2,12 @@
 
 Every round a client starts from the global params it received, with a fresh optimizer
 state (clients are stateless: in Flower's simulation any actor may serve any client), and
-trains ``local_steps`` steps from the data position ``(round - 1) * local_steps``. Both
-engines (Flower and SPMD) build the client state with :func:`client_state` and step with
-:class:`ClientStep`, so they compute the same thing.
+trains ``local_steps`` steps from the data position ``(round - 1) * local_steps``. The fresh
+state's moments are zero (as FedAvg usually has them), but its learning-rate schedule stands
+at the global step ``(round - 1) * local_steps``: local step j of round r runs at the rate
+of global step (r - 1) * local_steps + j, as a centralized run of rounds x local_steps steps
+would. Both engines (Flower and SPMD) build the client state with :func:`client_state` and
+step with :class:`ClientStep`, so they compute the same thing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..finetune.optimizer import set_schedule_step
 from ..finetune.steps import TrainState, objective_mean, train_step
 from .aggregate import prox_objective
 
@@ -65,14 +69,16 @@ def dataset_size(data: BatchSource) -> int:
 def client_state(template: TrainState, params: Any, round_: int, client_id: int,
                  local_steps: int) -> TrainState:
     """A client's state at the start of ``round_`` (1-based): the global params, a fresh
-    optimizer state, the step counter at the client's data position and its own rng.
+    optimizer state whose schedule continues from the global step, the step counter at the
+    client's data position and its own rng.
 
     The params are copied: local training donates its state, never the caller's arrays.
     """
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    first = (round_ - 1) * local_steps
     return template.replace(
-        step=jnp.asarray((round_ - 1) * local_steps, jnp.int32), params=params,
-        opt_state=template.tx.init(params),
+        step=jnp.asarray(first, jnp.int32), params=params,
+        opt_state=set_schedule_step(template.tx.init(params), first),
         rng=jax.random.fold_in(template.rng, client_id))
 
 
@@ -131,22 +137,26 @@ def local_train(state: TrainState, data: BatchSource, steps: int, start_position
 
     The state passed in is consumed (donated). Metrics: ``train_loss`` (mean of the real
     step losses, proximal term excluded), ``num_examples`` (the client's dataset size, its
-    aggregation weight), ``examples_seen`` (non-padding examples trained on), ``steps``.
+    aggregation weight), ``examples_seen`` (non-padding examples trained on), ``steps``,
+    ``learning_rates`` (the rate of each step; empty when the optimizer names no schedule).
     """
     fn = step.jitted()
     frozen = state.frozen
     anchor = jax.tree.map(jnp.copy, state.params) if step.mu else None
     current = state.replace(frozen=None)
-    losses, seen = [], 0
+    losses, rates, seen = [], [], 0
     for t in range(steps):
         batch = data.batch_at(*position(data, start_position + t))
         seen += real_examples(batch)
         current, metrics = fn(current, frozen, batch, anchor)
         losses.append(task_loss(metrics))
+        if "learning_rate" in metrics:
+            rates.append(metrics["learning_rate"])
     losses = [float(x) for x in jax.device_get(losses)]
     return current.replace(frozen=frozen), {
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
-        "num_examples": dataset_size(data), "examples_seen": seen, "steps": steps}
+        "num_examples": dataset_size(data), "examples_seen": seen, "steps": steps,
+        "learning_rates": [float(x) for x in jax.device_get(rates)]}
 
 
 def evaluate_loss(template: TrainState, params: Any, data: BatchSource | None, *,

@@ -15,6 +15,19 @@ server polls for replies more often than Flower's grids do (:func:`send_and_rece
 After every round the server checkpoints (global params, FedAdam/FedYogi moments, history),
 and a run resumes after the last completed round with the real round numbers (which
 FedAdam's bias correction and the clients' data positions depend on).
+
+Partial participation (``fraction_train < 1``): the server draws the round's clients itself
+(``aggregate.sample_clients``, seeded by the run's seed and the round, as the SPMD engine
+does) and offers its strategy only their nodes, so both engines train the same clients.
+
+Differential privacy (``dp_clipping_norm``): Flower's
+``DifferentialPrivacyClientSideFixedClipping`` around FedAvg / FedProx. Its noise, of std
+``z * C / m`` for m sampled clients, is calibrated for the *uniform* mean of m updates each
+clipped to norm C (one client moves it by at most C / m). FedAvg weights by example count,
+so one large client could move the mean by up to C (the noise would then hide nothing): with
+DP the server averages the clipped updates with equal weights (``UNIFORM_WEIGHT``), and the
+history still records each client's example count. Flower 1.42's wrappers leave the weighting
+to the wrapped strategy (its privacy accountant even insists on equal weights).
 """
 
 from __future__ import annotations
@@ -32,7 +45,13 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
 from ..errors import ConfigError, PayloadError
-from .aggregate import StrategyOptions, check_strategy
+from .aggregate import (
+    StrategyOptions,
+    check_dp_strategy,
+    check_strategy,
+    clients_per_round,
+    sample_clients,
+)
 from .client import ARRAYS, CONFIG, IDENTIFY, METRICS
 from .history import ClientResult, RoundRecord, open_run
 from .malloc import reuse_large_buffers
@@ -49,6 +68,8 @@ from .payload import (
 from .running_mean import RunningMean
 
 log = logging.getLogger(__name__)
+# the metric a DP run's strategy weights replies by: 1 for every client (set by the server)
+UNIFORM_WEIGHT = "uniform-weight"
 
 
 def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
@@ -58,9 +79,12 @@ def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
     """A ``flwr.serverapp.strategy`` strategy by name; with ``dp_clipping_norm``, wrapped in
     Flower's ``DifferentialPrivacyClientSideFixedClipping`` (clients clip, see
     ``client.dp_clipping_mod``; the server adds Gaussian noise of std
-    ``dp_noise_multiplier * dp_clipping_norm / clients_per_round`` to the average)."""
+    ``dp_noise_multiplier * dp_clipping_norm / clients_per_round`` to the average), around
+    FedAvg / FedProx weighting every reply equally (see the module docstring)."""
+    check_dp_strategy(name, dp_clipping_norm)
     strategy = _base_strategy(name, options, min_clients=min_clients,
-                              fraction_train=fraction_train, evaluate=evaluate)
+                              fraction_train=fraction_train, evaluate=evaluate,
+                              uniform=dp_clipping_norm is not None)
     if dp_clipping_norm is None:
         return strategy
     if dp_clipping_norm <= 0 or dp_noise_multiplier < 0:
@@ -72,11 +96,13 @@ def make_strategy(name: str, options: StrategyOptions, *, min_clients: int,
 
 
 def _base_strategy(name: str, options: StrategyOptions, *, min_clients: int,
-                   fraction_train: float, evaluate: bool):
+                   fraction_train: float, evaluate: bool, uniform: bool = False):
     key = check_strategy(name)
     common = dict(fraction_train=fraction_train, fraction_evaluate=1.0 if evaluate else 0.0,
                   min_train_nodes=min_clients, min_evaluate_nodes=min_clients if evaluate else 0,
                   min_available_nodes=min_clients)
+    if uniform:  # (FedAvg / FedProx only: check_dp_strategy)
+        common["weighted_by_key"] = UNIFORM_WEIGHT
     if key == "fedavg":
         return flwr_strategy.FedAvg(**common)
     if key == "fedprox":
@@ -90,12 +116,6 @@ def _base_strategy(name: str, options: StrategyOptions, *, min_clients: int,
     return flwr_strategy.FedTrimmedAvg(**common, beta=options.trim_beta)
 
 
-def clients_per_round(config: Any) -> int:
-    """Clients Flower samples per round: max(int(n * fraction_train), min_clients), <= n."""
-    n = config.num_clients
-    return min(n, max(int(n * config.fraction_train), config.min_clients))
-
-
 @dataclass
 class ServerTask:
     """What the server uses of a :class:`FederatedTask`: the trainable params' template and
@@ -106,6 +126,8 @@ class ServerTask:
     options: StrategyOptions
     has_eval: bool = False
     round_timeout: float = 3600.0
+    seed: int = 0  # the clients' sampling seed (the run's seed, as the SPMD engine's)
+    settings: dict[str, Any] | None = None  # compared on resume (manager.run_settings)
 
     @property
     def strategy(self) -> str:
@@ -244,9 +266,12 @@ def screen_train_replies(replies: list[Message], template: Any, record: RoundRec
         except PayloadError as e:
             _reject(record, who, str(e))
             continue
+        rates = metrics.get("learning_rates", [])
         result = ClientResult(client_id=who, num_examples=n, train_loss=float(loss),
                               examples_seen=int(metrics.get("examples_seen", 0)),
-                              steps=int(metrics.get("local_steps", 0)))
+                              steps=int(metrics.get("local_steps", 0)),
+                              learning_rates=[float(x) for x in rates]
+                              if isinstance(rates, list) else [])
         valid.append(ValidReply(msg, n, arrays, result))
         record.clients.append(result)
         if keep_params:
@@ -314,6 +339,10 @@ def aggregate_replies(strategy: Any, server_round: int, valid: list[ValidReply],
         running = RunningMean(base)
         fold_replies(running, valid, record)
         return finish_mean(running, record, min_clients)
+    inner = getattr(strategy, "strategy", strategy)
+    if getattr(inner, "weighted_by_key", None) == UNIFORM_WEIGHT:  # DP: equal weights
+        for v in valid:
+            v.message.content[METRICS][UNIFORM_WEIGHT] = 1
     try:
         aggregated, _ = strategy.aggregate_train(server_round, [v.message for v in valid])
     except (AggregationError, InconsistentMessageReplies) as e:
@@ -348,6 +377,41 @@ def receive_train(grid: Grid, messages: list[Message], task: Any, run: ServerRun
     return running, valid
 
 
+class SampledGrid:
+    """A view of ``grid`` that lists only ``nodes``: what a strategy samples from when the
+    server has already drawn the round's clients (every other call goes to ``grid``)."""
+
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def round_nodes(grid: Grid, task: Any, run: ServerRun, round_: int) -> Grid:
+    """The grid the round's train messages are configured on: with partial participation,
+    only the nodes of the clients :func:`aggregate.sample_clients` draws. (If some client
+    did not identify itself, the draw is over the connected nodes instead, with a warning:
+    the SPMD engine would train other clients.)"""
+    c = task.config
+    k = clients_per_round(c)
+    if k >= c.num_clients:
+        return grid
+    seed = getattr(task, "seed", 0)
+    by_client = {cid: node for node, cid in run.node_to_client.items()}
+    if sorted(by_client) == list(range(c.num_clients)):
+        return SampledGrid(grid, [by_client[cid] for cid in
+                                  sample_clients(seed, round_, c.num_clients, k)])
+    nodes = sorted(grid.get_node_ids())
+    log.warning("round %d: not every client identified itself; %d of the %d connected nodes "
+                "are drawn (not the clients the SPMD engine would draw)", round_, k,
+                len(nodes))
+    return SampledGrid(grid, [nodes[i] for i in sample_clients(seed, round_, len(nodes), k)])
+
+
 def with_extras(messages: Any, run: ServerRun) -> list[Message]:
     """``messages`` with ``run.message_arrays`` added to their content."""
     messages = list(messages)
@@ -363,8 +427,10 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
     c = task.config
     template = task.template.params
     ckpt, done, params, server, history = open_run(task, run.checkpoint_dir, run.resume)
+    # the server draws partial participation itself (round_nodes): the strategy trains all it
+    # is offered
     strategy = make_strategy(task.strategy, task.options, min_clients=c.min_clients,
-                             fraction_train=c.fraction_train, evaluate=task.has_eval,
+                             fraction_train=1.0, evaluate=task.has_eval,
                              dp_clipping_norm=getattr(c, "dp_clipping_norm", None),
                              dp_noise_multiplier=getattr(c, "dp_noise_multiplier", 0.0),
                              clients_per_round=clients_per_round(c))
@@ -384,7 +450,7 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
                             **run.message_config}
             down = down if down is not None else to_arrayrecord(params)
             messages = with_extras(strategy.configure_train(
-                r, down, ConfigRecord(train_config), grid), run)
+                r, down, ConfigRecord(train_config), round_nodes(grid, task, run, r)), run)
             base = wire_flat(params) if sparse else None
             running, valid = receive_train(grid, messages, task, run, record, base, sparse)
             aggregated = None
@@ -398,8 +464,10 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
                 log.warning("round %d: %s", r, record.note)
             if aggregated is not None:
                 # Flower's adaptive strategies compute in float64: back to the model's dtypes
+                before = params
                 params = unflatten_params(aggregated, template, cast=True, copy=False)
                 record.aggregated, down = True, None
+                record.update_norm = params_distance(params, before)
             if server is not None and inner.m_t is not None:
                 server = {"m": unflatten_params(inner.m_t, template, cast=True),
                           "v": unflatten_params(inner.v_t, template, cast=True)}
@@ -421,6 +489,15 @@ def serve(grid: Grid, task: Any, run: ServerRun) -> ServerRun:
         if ckpt is not None:
             ckpt.close()
     return run
+
+
+def params_distance(a: Any, b: Any) -> float:
+    """||a - b||_2 over every leaf of two params trees (float64 sums)."""
+    import jax
+
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y)))
+                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                             strict=True))))
 
 
 def make_server_app(task: Any, run: ServerRun | None = None) -> ServerApp:

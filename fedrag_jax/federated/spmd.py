@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import MeshError
+from ..finetune.optimizer import set_schedule_step
 from ..finetune.steps import state_shardings
 from ..sharding import (
     DEFAULT_RULES,
@@ -38,7 +39,7 @@ from ..sharding import (
     MeshConfig,
     named_sharding,
 )
-from .aggregate import ServerOptimizer, aggregate
+from .aggregate import ServerOptimizer, aggregate, sample_clients
 from .history import ClientResult, FederatedResult, RoundRecord, open_run
 from .local import client_batches, dataset_size, real_examples, stack_batches, task_loss
 from .payload import flatten_params
@@ -110,9 +111,10 @@ class SpmdSimulator:
 
         def init(params, ids, step0):
             def one(cid):  # == local.client_state, for every client at once
-                return template.replace(step=step0, params=params,
-                                        opt_state=template.tx.init(params),
-                                        rng=jax.random.fold_in(template.rng, cid))
+                return template.replace(
+                    step=step0, params=params,
+                    opt_state=set_schedule_step(template.tx.init(params), step0),
+                    rng=jax.random.fold_in(template.rng, cid))
             return jax.vmap(one)(ids)
 
         self.init = jax.jit(init, out_shardings=self.state_sharding)
@@ -127,6 +129,9 @@ class SpmdSimulator:
             return jnp.all(jnp.stack(per_leaf), axis=0)
 
         self.finite = jax.jit(finite)
+        self.distance = jax.jit(lambda a, b: jnp.sqrt(sum(
+            jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))))
         self._vsteps: dict[float, Any] = {}
         self._aggregators: dict[Any, Any] = {}
 
@@ -182,12 +187,9 @@ class SpmdSimulator:
 
     # --- rounds ------------------------------------------------------------------------------
     def sample(self, round_: int) -> list[int]:
-        """The round's clients: all, or a seeded sample of ``task.sample_size()``."""
-        k = self.task.sample_size()
-        if k >= self.num_clients:
-            return list(range(self.num_clients))
-        rng = np.random.default_rng([self.task.seed, round_])
-        return sorted(int(c) for c in rng.choice(self.num_clients, k, replace=False))
+        """The round's clients: all, or the seeded sample of ``task.sample_size()`` that the
+        Flower server trains too (aggregate.sample_clients)."""
+        return sample_clients(self.task.seed, round_, self.num_clients, self.task.sample_size())
 
     def run(self, *, checkpoint_dir: str | None = None, resume: bool = True,
             record_client_params: bool = False) -> FederatedResult:
@@ -209,14 +211,19 @@ class SpmdSimulator:
                 first = (r - 1) * c.local_steps
                 stacked = self.init(params, ids, jnp.asarray(first, jnp.int32))
                 anchor = params if mu else None
-                losses, seen = [], np.zeros(self.num_clients, np.int64)
+                losses, rates = [], []
+                seen = np.zeros(self.num_clients, np.int64)
                 for t in range(c.local_steps):
                     batches = client_batches(task.client_data, first + t)
                     seen += [real_examples(b) for b in batches]
                     stacked, metrics = vstep(stacked, self.frozen,
                                              self.put_batch(stack_batches(batches)), anchor)
                     losses.append(task_loss(metrics))
+                    if "learning_rate" in metrics:
+                        rates.append(metrics["learning_rate"])
                 mean_loss = np.mean(np.stack(jax.device_get(losses)), axis=0)
+                rates = np.stack(jax.device_get(rates), axis=1) if rates else \
+                    np.zeros((self.num_clients, 0))  # [clients, local steps]
                 finite = np.asarray(self.finite(stacked.params))
                 record = RoundRecord(round=r)
                 good = []
@@ -230,17 +237,19 @@ class SpmdSimulator:
                     record.clients.append(ClientResult(
                         client_id=cid, num_examples=int(weights[cid]),
                         train_loss=float(mean_loss[cid]), examples_seen=int(seen[cid]),
-                        steps=c.local_steps))
+                        steps=c.local_steps, learning_rates=[float(x) for x in rates[cid]]))
                 if record_client_params:
                     record.client_params = {cid: flatten_params(jax.tree.map(
                         lambda x, cid=cid: x[cid], stacked.params)) for cid in good}
                 if len(good) >= c.min_clients:
                     averaged = average(stacked.params, weights, good)
+                    before = params
                     if server_opt is not None:
                         params, server = server_opt.apply(params, averaged, server, r)
                     else:
                         params = averaged
                     record.aggregated = True
+                    record.update_norm = float(self.distance(params, before))
                 else:
                     record.note = (f"only {len(good)} valid updates, fewer than min_clients="
                                    f"{c.min_clients}: the global params were kept")

@@ -14,6 +14,7 @@ carries to its actors, so it holds plain data and recompiles lazily in each proc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from ..config import FederatedConfig
 from ..errors import ConfigError
 from ..finetune.optimizer import OptimizerConfig, make_optimizer
 from ..finetune.steps import TrainState, lsr_objective, ralt_objective
-from .aggregate import StrategyOptions, check_strategy
+from .aggregate import StrategyOptions, check_dp_strategy, check_strategy, clients_per_round
 from .history import FederatedResult
 from .local import BatchSource, ClientStep, client_state, evaluate_loss, local_train
 
@@ -39,6 +40,12 @@ class FederatedTask:
     a deployed silo's task holds only its own (the others None: their data live elsewhere);
     ``objective(model, batch) -> (loss, aux)`` as in ``finetune.steps``. Strategy knobs come
     from ``options`` or, when absent, from the matching fields of ``config``.
+
+    An :class:`OptimizerConfig` is stretched over the federation: its ``total_steps``
+    becomes ``rounds x local_steps`` (the clients' local steps continue one global schedule,
+    see ``local.client_state``). ``settings``: what decides the run
+    (``finetune.manager.run_settings``); a checkpoint written under other settings is
+    refused on resume.
     """
 
     def __init__(self, model: nnx.Module, trainable: Any,
@@ -46,8 +53,14 @@ class FederatedTask:
                  client_data: Sequence[BatchSource], config: FederatedConfig, *,
                  objective: Callable, eval_data: Sequence[BatchSource | None] | None = None,
                  options: StrategyOptions | None = None, seed: int = 0, micro_batches: int = 1,
-                 eval_batches: int | None = None, round_timeout: float = 3600.0):
-        tx = make_optimizer(optimizer) if isinstance(optimizer, OptimizerConfig) else optimizer
+                 eval_batches: int | None = None, round_timeout: float = 3600.0,
+                 settings: dict[str, Any] | None = None):
+        if isinstance(optimizer, OptimizerConfig):
+            optimizer = dataclasses.replace(
+                optimizer, total_steps=max(1, config.rounds * config.local_steps))
+            tx = make_optimizer(optimizer)
+        else:
+            tx = optimizer
         self.template = TrainState.create(model, tx, trainable, seed)
         if not jax.tree.leaves(self.template.params):
             raise ConfigError("the trainable filter selects no parameters; nothing to federate")
@@ -62,6 +75,7 @@ class FederatedTask:
         self.micro_batches = micro_batches
         self.eval_batches = eval_batches
         self.round_timeout = round_timeout
+        self.settings = settings
         self.token = uuid.uuid4().hex  # names this task in a client process's cache
         self._steps: dict[float, ClientStep] = {}
         self._simulators: dict[Any, Any] = {}
@@ -104,6 +118,7 @@ class FederatedTask:
         if noise < 0 or (noise > 0 and clip is None):
             raise ConfigError(f"dp_noise_multiplier={noise} needs dp_clipping_norm set and must "
                               "be >= 0: the noise std is multiplier * clipping_norm / clients")
+        check_dp_strategy(c.strategy, clip)
         if getattr(c, "secagg", False):
             from .secagg import check_secagg
 
@@ -142,8 +157,7 @@ class FederatedTask:
 
     def sample_size(self) -> int:
         """Clients per round, as Flower samples them: max(int(n * fraction), min_clients)."""
-        c = self.config
-        return min(c.num_clients, max(int(c.num_clients * c.fraction_train), c.min_clients))
+        return clients_per_round(self.config)
 
     def client_update(self, client_id: int, params: Any, round_: int,
                       mu: float | None = None) -> tuple[nnx.State, dict[str, float]]:

@@ -100,19 +100,29 @@ def assemble(left: list[int], passage: list[int], right: list[int], target: list
     return left + passage[:budget] + right
 
 
+def _target_length(targets: Sequence[list[int]], target_length: int | None) -> int:
+    """The label columns: ``target_length`` (refused if a target is longer: its labels would
+    no longer line up with the positions that predict them) or the longest target."""
+    longest = max(len(t) for t in targets)
+    if target_length is not None and longest > target_length:
+        raise DataError(f"a target has {longest} tokens, more than target_length="
+                        f"{target_length}; the response is never truncated: raise "
+                        "target_length (or leave it unset)")
+    return target_length or longest
+
+
 def target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
                   buckets: Sequence[int], pad_id: int, target_length: int | None = None):
     """Left-padded prompt+target ids and the positions that predict each target token."""
     rows = [p + t for p, t in zip(prompts, targets, strict=True)]
     length = bucket_length(max(len(r) for r in rows), buckets)
     ids, mask = left_pad(rows, length, pad_id)
-    t_len = target_length or max(len(t) for t in targets)
+    t_len = _target_length(targets, target_length)
     n = len(rows)
     target = np.zeros((n, t_len), np.int32)
     index = np.zeros((n, t_len), np.int32)
     tmask = np.zeros((n, t_len), bool)
     for i, t in enumerate(targets):
-        t = t[:t_len]
         target[i, :len(t)] = t
         index[i, :len(t)] = np.arange(length - len(t) - 1, length - 1)
         tmask[i, :len(t)] = True
@@ -193,7 +203,7 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
     ids = np.full((rows, length), pad_id, np.int32)
     segments = np.zeros((rows, length), np.int32)
     instance_row = np.zeros(n, np.int32)
-    t_len = target_length or max(len(t) for t in targets)
+    t_len = _target_length(targets, target_length)
     target = np.zeros((n, t_len), np.int32)
     index = np.zeros((n, t_len), np.int32)
     tmask = np.zeros((n, t_len), bool)
@@ -208,7 +218,7 @@ def packed_target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[in
             segments[row, start:end] = count[row]
             fill[row] = end
             instance_row[i] = row
-            t = targets[i][:t_len]
+            t = targets[i]
             target[i, :len(t)] = t
             index[i, :len(t)] = np.arange(end - len(t) - 1, end - 1)
             tmask[i, :len(t)] = True
@@ -436,7 +446,7 @@ def build_ralt_dataset(records: Iterable[dict], retriever, store, generator: Gen
         left, right = builder.parts(r["query"])
         passages = builder.passage_ids([nodes[str(i)].text for i in row])
         prompts.append([assemble(left, p, right, target, max_length) for p in passages])
-    if weighting == "retrieval":
+    if weighting == "retrieval":  # P_R(d | x) = softmax(s / tau_R), as LSR's
         z = scores / tau_retrieval
         z = np.exp(z - z.max(-1, keepdims=True))
         weights = (z / z.sum(-1, keepdims=True)) * top_k  # mean weight 1 per instance

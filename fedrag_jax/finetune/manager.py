@@ -28,7 +28,7 @@ from ..evals.benchmarker import Benchmarker
 from ..evals.benchmarks import BenchmarkExample
 from ..evals.metrics import exact_match, mrr, recall_at_k, token_f1
 from ..generator import Generator
-from ..indexing import build_store, load_corpus, reencode_store
+from ..indexing import build_store, check_store_fingerprint, load_corpus, reencode_store
 from ..knowledge_store import KnowledgeStore, load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
 from ..qa_data import make_qa_pairs
@@ -76,16 +76,50 @@ def build_rag_system(config: Config, mesh=None,
                                                    param_dtype=m.param_dtype, mesh=mesh),
                           load_tokenizer(gen_path), use_chat_template=m.use_chat_template)
     corpus = load_corpus(config.data.corpus, limit=config.data.corpus_limit)
-    if store is not None:
-        pass
-    elif config.data.index:
-        store = load_store(Path(config.data.index) / "store")
+    if store is not None or config.data.index:  # made elsewhere: by this retriever?
+        if store is None:
+            store = load_store(Path(config.data.index) / "store")
+        check_store_fingerprint(store, retriever, allow_foreign=config.allow_foreign_store,
+                                where=config.data.index or "the given store")
     else:
         store = build_store(corpus, retriever, backend=r.backend, progress=config.progress)
     rag = RAGSystem(retriever, store, generator,
                     RAGConfig(top_k=r.top_k, prompt_template=r.prompt_template),
                     max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens)
     return rag, corpus
+
+
+def gold_answers(record: dict) -> list[str]:
+    """The answers a generated answer is scored against: ``answers`` if the record has
+    them, else its ``response`` (every evaluation uses this)."""
+    return [str(a) for a in (record.get("answers") or [record["response"]])]
+
+
+def run_settings(config: Config, name: str) -> dict[str, Any]:
+    """What decides a phase's trajectory (``name``: lsr, ralt, federated_lsr or
+    federated_ralt): resuming its checkpoints under other settings is refused
+    (:class:`~fedrag_jax.errors.ResumeMismatchError`), centralized and federated alike.
+
+    Left out: how often a run evaluates, checkpoints or logs, progress bars, and other
+    layouts of the same math (pack, pack_rows, score_batch_size). ``steps`` is in: the
+    cosine schedule spans it, so resuming with another value would re-stretch the schedule
+    mid-run (start a new run to train longer). A federated phase compares the ``fed``
+    settings too (its schedule spans rounds x local_steps), but not ``steps`` (unused there)
+    nor the engine and its resources (both engines compute the same rounds).
+    """
+    c = config.to_dict()
+    federated = name.startswith("federated_")
+    method = "lsr" if name.removeprefix("federated_").startswith("lsr") else "ralt"
+    free = {"pack", "pack_rows", "score_batch_size"} | ({"steps"} if federated else set())
+    section = {k: v for k, v in c[method].items() if k not in free}
+    if method == "ralt" and c["ralt"]["weighting"] == "retrieval":
+        section["tau_retrieval"] = c["lsr"]["tau_retrieval"]  # P_R(d|x)'s temperature
+    settings = {"seed": c["seed"], "model": c["model"], "data": c["data"],
+                "retrieval": c["retrieval"], method: section}
+    if federated:
+        machine = {"engine", "devices_per_client", "client_num_cpus", "client_num_gpus"}
+        settings["fed"] = {k: v for k, v in c["fed"].items() if k not in machine}
+    return settings
 
 
 def load_train_eval_records(config: Config, corpus: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -174,7 +208,7 @@ class FinetuneManager:
         answered = records[: self.config.eval_generate_max] if generate else []
         if answered:
             examples = [BenchmarkExample(example_id=str(i), query=r["query"],
-                                         answers=[r["response"]],
+                                         answers=gold_answers(r),
                                          gold_passage_id=r.get("gold_id"))
                         for i, r in enumerate(answered)]
             primary = outputs.is_primary()  # every host generates; one writes
@@ -231,7 +265,7 @@ class FinetuneManager:
             answers += [r.answer for r in rag.batch_query(padded)][: len(part)]
         rows = []
         for r, answer in zip(records, answers, strict=True):
-            golds = list(r.get("answers") or [r["response"]])
+            golds = gold_answers(r)
             rows.append({"query": r["query"], "answer": answer, "golds": golds,
                          "exact_match": exact_match(answer, golds), "f1": token_f1(answer, golds)})
         if out_file is not None:
@@ -395,8 +429,8 @@ class FinetuneManager:
             records, rag.retriever, store or rag.store, rag.generator,
             top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
             template=rag.config.prompt_template, max_length=ralt.max_length,
-            max_passage_tokens=rag.max_context_tokens, weighting=ralt.weighting, seed=c.seed,
-            progress=c.progress)
+            max_passage_tokens=rag.max_context_tokens, weighting=ralt.weighting,
+            tau_retrieval=c.lsr.tau_retrieval, seed=c.seed, progress=c.progress)
 
     def ralt_model(self) -> tuple[nnx.Module, Any, OptimizerConfig]:
         return ralt_model(self.config, self.rag.generator.model)
@@ -530,27 +564,31 @@ class FinetuneManager:
         return datasets
 
     def pack_federated(self, datasets: list) -> list:
-        """Pack the clients' RALT datasets alike: the same rows per step (a federated client
-        step is one micro-batch) and one shared prompt prefix, the shortest of theirs."""
+        """Pack the clients' RALT datasets alike: the same rows per step (each of the
+        ``ralt.micro_batches`` micro-batches in rows of its own, as centralized) and one
+        shared prompt prefix, the shortest of theirs."""
         instances = datasets[0].batch_size * len(datasets[0].prompts[0])
         rows = self.pack_rows(instances)
         prefix = min(d.shared_prefix_length() for d in datasets)
         for d in datasets:
-            d.pack(rows, 1, prefix_length=prefix)
+            d.pack(rows, self.config.ralt.micro_batches, prefix_length=prefix)
         return datasets
 
     def _federated_task(self, method: str, clients: list, evals: list | None = None):
         from ..federated.task import FederatedTask
 
         c = self.config
+        # the task stretches the optimizer's schedule over rounds x local_steps
+        common = dict(eval_data=evals, seed=c.seed,
+                      settings=run_settings(c, f"federated_{method}"))
         if method == "lsr":
             towers, trainable, opt = self.lsr_model()
-            return FederatedTask.lsr(towers, trainable, opt, clients, c.fed, eval_data=evals,
+            return FederatedTask.lsr(towers, trainable, opt, clients, c.fed,
                                      tau_retrieval=c.lsr.tau_retrieval, tau_lm=c.lsr.tau_lm,
-                                     seed=c.seed)
+                                     micro_batches=c.lsr.micro_batches, **common)
         model, trainable, opt = self.ralt_model()
-        return FederatedTask.ralt(model, trainable, opt, clients, c.fed, eval_data=evals,
-                                  seed=c.seed)
+        return FederatedTask.ralt(model, trainable, opt, clients, c.fed,
+                                  micro_batches=c.ralt.micro_batches, **common)
 
     def train_federated(self) -> dict[str, Any]:
         """Federated LSR and/or RALT (per ``mode``) on the configured engine."""
@@ -577,7 +615,11 @@ class FinetuneManager:
         lines = [json.dumps({"split": "round", "round": r.round, "aggregated": r.aggregated,
                              "train_loss": r.train_loss, "eval_loss": r.eval_loss,
                              "clients": len(r.clients), "rejected": len(r.rejected),
-                             "failed": len(r.failed), "seconds": r.seconds}) + "\n"
+                             "failed": len(r.failed), "seconds": r.seconds,
+                             "update_norm": r.update_norm,
+                             # the rate of each local step, per client
+                             "learning_rates": {str(c.client_id): c.learning_rates
+                                                for c in r.clients}}) + "\n"
                  for r in history]
         if outputs.is_primary():
             outputs.write_text(self.output_dir / f"federated_{method}" / "metrics.jsonl",
@@ -605,20 +647,11 @@ class FinetuneManager:
         return TrainerConfig(total_steps=steps, output_dir=str(self.output_dir / name),
                              eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
                              keep_checkpoints=c.keep_checkpoints, progress=c.progress, name=name,
-                             settings=self.run_settings(name))
+                             settings=self.run_settings(name), nonfinite=c.nonfinite)
 
     def run_settings(self, name: str) -> dict[str, Any]:
-        """What decides a phase's trajectory: resuming its checkpoints under other settings
-        is refused. Left out: what a resume may change (more ``steps``, how often it
-        evaluates, checkpoints or logs, progress bars)."""
-        c = self.config.to_dict()
-        method = "lsr" if name.startswith("lsr") else "ralt"
-        free = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
-                "eval_generate", "eval_generate_max", "pack", "pack_rows",
-                "score_batch_size"}  # pack, score_batch_size: the same math, another layout
-        section = {k: v for k, v in c[method].items() if k not in free}
-        return {"seed": c["seed"], "model": c["model"], "data": c["data"],
-                "retrieval": c["retrieval"], method: section}
+        """:func:`run_settings` of this manager's config."""
+        return run_settings(self.config, name)
 
     # --- the one call ------------------------------------------------------------------------
     def train(self, *, evaluate: bool = True) -> dict[str, Any]:

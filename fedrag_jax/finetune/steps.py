@@ -26,6 +26,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from ..errors import ConfigError
 from ..sharding import (
     DEFAULT_RULES,
     SHARED_BATCH_KEYS,
@@ -34,7 +35,6 @@ from ..sharding import (
     replicated,
     variable_shardings,
 )
-from ..errors import ConfigError
 from .losses import lsr_kl, ralt_loss_sum
 from .optimizer import schedule_step, set_schedule_step
 

@@ -6,6 +6,12 @@
 Resume is exact: a checkpoint holds the whole TrainState (optimizer state and rng
 included) and the data position, and ``batch_at`` is deterministic, so an interrupted and
 resumed run ends with the same parameters, bit for bit on CPU, as one that never stopped.
+
+Non-finite steps: the train steps leave the state as it was when a step's loss or gradient
+is NaN / inf and say so in their ``nonfinite`` metric. ``nonfinite="stop"`` (the default)
+ends the run there with :class:`~fedrag_jax.errors.NonFiniteError` (nothing after the last
+good checkpoint is saved); ``"skip"`` goes on and counts them (``nonfinite_steps``). Either
+way no checkpoint ever holds a non-finite value (the checkpoint manager refuses one).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from .. import outputs
 from ..checkpoint import CheckpointManager
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, NonFiniteError, ResumeMismatchError
 from ..sharding import shard_batch
 from .steps import TrainState, compile_step, place_state
 
@@ -63,6 +69,9 @@ class TrainerConfig:
     # what this run trains (model, data, method settings; JSON-able): a checkpoint written
     # with other settings is refused on resume instead of silently continued
     settings: dict[str, Any] | None = None
+    # a step with a NaN / inf loss or gradient (its update is never applied): "stop" the run
+    # with NonFiniteError, or "skip" it and count it in the metrics (nonfinite_steps)
+    nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -75,6 +84,8 @@ class TrainerConfig:
             raise ConfigError(f"log_every={self.log_every}: log at least every step count >= 1")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints={self.keep_checkpoints}: keep at least 1")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"nonfinite={self.nonfinite!r}: choose skip or stop")
 
 
 class Trainer:
@@ -118,6 +129,8 @@ class Trainer:
         self._tb: Any = None
         self._window: list | None = None
         self._t0 = time.time()
+        self._nonfinite_steps = 0  # steps whose update was skipped (restored on resume)
+        self._last_ckpt = 0
 
     @property
     def metrics_path(self):
@@ -160,11 +173,13 @@ class Trainer:
         self._t0 = time.time()
         self._window = [time.perf_counter(), 0, 0]  # start, steps, examples since last log
         pending = None  # the last log step's metrics, still on device
+        unchecked = None  # (step, epoch, index, metrics) whose non-finite flag is unread
         last_eval = last_ckpt = None
+        self._last_ckpt = done
         try:
             for step in range(done + 1, cfg.total_steps + 1):
                 batch = self.data.batch_at(epoch, index)
-                batch_epoch = epoch
+                batch_epoch, batch_index = epoch, index
                 self._window[1] += 1
                 self._window[2] += _num_examples(batch)
                 if self.mesh is not None:
@@ -177,16 +192,24 @@ class Trainer:
                     out = hook(step, state, metrics)
                     if isinstance(out, TrainState):
                         state = out
-                # Convert the previous log step's metrics now: this step is already queued,
-                # so the device is not left idle while we wait for them.
+                # Read the previous step's flag and log its metrics now: this step is
+                # already queued, so the device is not left idle while we wait for them.
+                if unchecked is not None:
+                    self._check_finite(*unchecked, pending)
+                    unchecked = None
                 if pending is not None:
                     self._log_train(*pending)
                     pending = None
+                if "nonfinite" in metrics:
+                    unchecked = (step, batch_epoch, batch_index, metrics)
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
                     pending = (step, batch_epoch, metrics)
                 do_eval = self.eval_fn is not None and cfg.eval_every and \
                     step % cfg.eval_every == 0
                 do_ckpt = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if unchecked is not None and (do_eval or do_ckpt or step == cfg.total_steps):
+                    self._check_finite(*unchecked, pending)  # before it is kept
+                    unchecked = None
                 if pending is not None and (do_eval or do_ckpt):
                     self._log_train(*pending)  # records on disk before the checkpoint
                     pending = None
@@ -195,7 +218,7 @@ class Trainer:
                     last_eval = step
                 if do_ckpt:
                     self._save(ckpt, step, state, epoch, index)
-                    last_ckpt = step
+                    last_ckpt = self._last_ckpt = step
                 bar.update(1)
             if pending is not None:
                 self._log_train(*pending)
@@ -228,19 +251,36 @@ class Trainer:
         state, meta = ckpt.restore(self.state)  # logs and skips damaged newer steps
         saved = (meta.get("config") or {}).get("settings")
         if cfg.settings is not None and saved is not None:
-            changed = _changed_settings(saved, _jsonable(cfg.settings))
-            if changed:
-                raise ConfigError(
-                    f"{ckpt.directory} holds checkpoints of a run with other settings ("
-                    + "; ".join(changed[:8]) + (f"; +{len(changed) - 8} more" if
-                                                len(changed) > 8 else "")
-                    + "): resuming would mix two runs. Choose another output_dir, or "
-                    "delete those checkpoints to start over")
+            check_settings(saved, cfg.settings, ckpt.directory)
+        self._nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         done = int(meta.get("step", ckpt.last_restored_step))
         epoch, index = (int(x) for x in meta["data_position"])
         log.info("%s: resumed from checkpoint step %d (epoch %d, batch %d)",
                  cfg.name, done, epoch, index)
         return state, done, (epoch, index)
+
+    def _check_finite(self, step: int, epoch: int, index: int, metrics: dict[str, Any],
+                      pending: tuple | None) -> None:
+        """Read step ``step``'s non-finite flag: count it (skip) or end the run (stop)."""
+        if not int(jax.device_get(metrics["nonfinite"])):
+            return
+        self._nonfinite_steps += 1
+        if self.config.nonfinite == "skip":
+            log.warning("%s step %d: non-finite loss or gradient (batch %d of epoch %d); "
+                        "the update was skipped (%d so far)", self.config.name, step, index,
+                        epoch, self._nonfinite_steps)
+            return
+        if pending is not None and pending[0] <= step:  # its record reaches the log first
+            self._log_train(*pending)
+        if pending is None or pending[0] != step:
+            self._log_train(step, epoch, metrics)
+        values = {k: _to_python(v) for k, v in jax.device_get(
+            {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}).items()}
+        raise NonFiniteError(
+            f"{self.config.name} step {step}: the loss or gradient is not finite ({values}; "
+            f"batch {index} of epoch {epoch}). Its update was not applied and the last "
+            f"checkpoint is step {self._last_ckpt}. Lower the learning rate, check that "
+            "batch's data, or set nonfinite=skip to skip such steps and count them")
 
     # --- logging ----------------------------------------------------------------------------
     def _record(self, record: dict[str, Any]) -> None:
@@ -268,6 +308,8 @@ class Trainer:
         record = {"split": "train", "step": step, "epoch": epoch, **values,
                   "steps_per_s": steps / elapsed, "examples_per_s": examples / elapsed,
                   "wall_time_s": time.time() - self._t0}
+        if "nonfinite" in values:
+            record["nonfinite_steps"] = self._nonfinite_steps
         self._window = [time.perf_counter(), 0, 0]
         self._record(record)
         postfix = {"ex/s": f"{record['examples_per_s']:.1f}"}
@@ -295,7 +337,7 @@ class Trainer:
             self._tb.sync()
         t = time.perf_counter()
         ckpt.save(step, state, {"step": step, "epoch": epoch, "data_position": [epoch, index],
-                                "name": self.config.name,
+                                "name": self.config.name, "nonfinite_steps": self._nonfinite_steps,
                                 "config": dataclasses.asdict(self.config)})
         self._window[0] += time.perf_counter() - t
 
@@ -401,6 +443,19 @@ def _own_buffers(state: TrainState) -> TrainState:
 def _jsonable(value: Any) -> Any:
     """``value`` as a checkpoint's JSON metadata would give it back (tuples as lists)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def check_settings(saved: Any, settings: Any, where: Any) -> None:
+    """Raise :class:`ResumeMismatchError` if checkpoints in ``where`` were written under
+    other ``settings`` (the centralized trainer and the federated server both call this)."""
+    changed = _changed_settings(saved, _jsonable(settings))
+    if changed:
+        raise ResumeMismatchError(
+            f"{where} holds checkpoints of a run with other settings ("
+            + "; ".join(changed[:8]) + (f"; +{len(changed) - 8} more" if len(changed) > 8
+                                        else "")
+            + "): resuming would mix two runs. Choose another output_dir to start fresh, or "
+            f"delete {where} to start over")
 
 
 def _changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:

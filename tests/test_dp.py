@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 
 import numpy as np
+import pytest
 
 from fedrag_jax.federated import app, flatten_params, to_arrayrecord
 from fedrag_jax.federated.server import ServerRun, serve
@@ -60,7 +61,17 @@ def test_dp_both_trains_lora_in_its_ralt_phase(tmp_path, monkeypatch):
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     assert list(phases) == ["lsr", "ralt"]
+    from fedrag_jax.finetune.optimizer import OptimizerConfig, learning_rate_at
+
     for phase, (task, run) in phases.items():
+        # deployed clients continue the global schedule too (2 rounds x 2 local steps)
+        section = getattr(config, phase)
+        central = OptimizerConfig(learning_rate=section.learning_rate,
+                                  warmup_steps=section.warmup_steps, total_steps=4)
+        for record in run.history:
+            expected = [learning_rate_at(central, (record.round - 1) * 2 + j) for j in (1, 2)]
+            for client in record.clients:
+                assert client.learning_rates == pytest.approx(expected, rel=1e-6), phase
         start = {k: v.astype(np.float64) for k, v in flatten_params(task.initial_params()).items()}
         previous = start
         for record in run.history:

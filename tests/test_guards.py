@@ -233,3 +233,25 @@ def test_config_keys_for_the_guards():
     with pytest.raises(ConfigError):
         load_config(None, ["nonfinite=ignore"])
     assert json.dumps(config.to_dict())
+
+
+def test_federated_checkpoints_without_recorded_settings_are_refused(tmp_path):
+    """A federated checkpoint that recorded no settings (an older fedrag-jax wrote it) is not
+    resumed silently by a run that knows its settings."""
+    from fedrag_jax.errors import ResumeMismatchError
+    from fedrag_jax.federated.history import RoundCheckpoints
+
+    params = {"w": np.ones(3, np.float32)}
+    old = RoundCheckpoints(tmp_path)
+    old.save(1, params, None, [], "fedavg", "spmd")
+    old.close()
+    new = RoundCheckpoints(tmp_path, settings={"lsr": {"learning_rate": 1e-3}})
+    try:
+        with pytest.raises(ResumeMismatchError, match="recorded no run settings"):
+            new.restore(params, None, "fedavg")
+    finally:
+        new.close()
+    same = RoundCheckpoints(tmp_path / "b", settings={"lsr": {"learning_rate": 1e-3}})
+    same.save(1, params, None, [], "fedavg", "spmd")
+    assert same.restore(params, None, "fedavg")[0] == 1
+    same.close()

@@ -139,8 +139,8 @@ class RoundCheckpoints:
             raise ConfigError(f"the federated checkpoint in {self.directory} was written with "
                               f"strategy {meta.get('strategy')!r}, this run uses {strategy!r}; "
                               "use another checkpoint directory")
-        if self.settings is not None and meta.get("settings") is not None:
-            check_settings(meta["settings"], self.settings, self.directory)
+        if self.settings is not None:
+            check_settings(meta.get("settings"), self.settings, self.directory)
         history = [RoundRecord.from_dict(r) for r in meta.get("history", [])]
         log.info("resuming federated run after round %d from %s", meta["round"], self.directory)
         return int(meta["round"]), state["params"], state["server"] or None, history

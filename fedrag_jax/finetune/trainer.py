@@ -249,9 +249,9 @@ class Trainer:
                 f"{ckpt.directory} holds checkpoints (steps {ckpt.all_steps()}) but "
                 "resume=False; set resume=True to continue, or choose an empty output_dir")
         state, meta = ckpt.restore(self.state)  # logs and skips damaged newer steps
-        saved = (meta.get("config") or {}).get("settings")
-        if cfg.settings is not None and saved is not None:
-            check_settings(saved, cfg.settings, ckpt.directory)
+        if cfg.settings is not None:
+            check_settings((meta.get("config") or {}).get("settings"), cfg.settings,
+                           ckpt.directory)
         self._nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         done = int(meta.get("step", ckpt.last_restored_step))
         epoch, index = (int(x) for x in meta["data_position"])
@@ -447,7 +447,14 @@ def _jsonable(value: Any) -> Any:
 
 def check_settings(saved: Any, settings: Any, where: Any) -> None:
     """Raise :class:`ResumeMismatchError` if checkpoints in ``where`` were written under
-    other ``settings`` (the centralized trainer and the federated server both call this)."""
+    other ``settings`` (the centralized trainer and the federated server both call this).
+    Checkpoints that recorded no settings (``saved`` None: an older fedrag-jax) cannot be
+    told apart from another run's, and are refused too."""
+    if saved is None:
+        raise ResumeMismatchError(
+            f"{where} holds checkpoints that recorded no run settings (written by an older "
+            "fedrag-jax): they cannot be checked against this run. Choose another output_dir "
+            f"to start fresh, or delete {where} to start over")
     changed = _changed_settings(saved, _jsonable(settings))
     if changed:
         raise ResumeMismatchError(

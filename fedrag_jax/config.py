@@ -55,7 +55,7 @@ class RetrievalConfig:
     max_new_tokens: int = 32  # generated answer length
     # concat: the top-k passages in one prompt; ensemble (REPLUG): one prompt per passage, the
     # next-token distributions mixed with P_R(d|x) = softmax(s(x,d) / fusion_temperature)
-    fusion: Literal["concat", "ensemble"] = "concat"
+    fusion: Literal["concat", "ensemble"] = "concat"  # how the top-k passages reach the LM
     fusion_temperature: float | None = None  # null: lsr.tau_retrieval (the P_R LSR trains)
 
 
@@ -107,7 +107,7 @@ class RALTConfig:
     top_k: int | None = None  # passages per query in training (default: retrieval.top_k)
     # single: one instance per (query, passage), the layout of retrieval.fusion=ensemble;
     # concat: one per query with its top-k passages in one prompt, as fusion=concat infers
-    context: Literal["single", "concat"] = "single"
+    context: Literal["single", "concat"] = "single"  # an instance per passage, or per query
     # Sequence packing (centralized and federated): a step's instances share a few rows, each
     # attending only within its own segment with RoPE positions from 0, instead of one
     # left-padded row each: the same loss and gradients on fewer padded tokens. The prompt

@@ -55,6 +55,12 @@ def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``prompts`` share, each keeping at least one of its own
+    (its last prompt token predicts the first new one)."""
+    return max(0, min(_common_prefix_length(prompts), min(len(x) for x in prompts) - 1))
+
+
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     """log sum exp over the last axis, float64."""
     m = x.max(axis=-1, keepdims=True)
@@ -83,9 +89,10 @@ def _decode(graphdef, state, ids, mask, rng, stop_ids, pad_id, *, max_new_tokens
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model(ids, mask, cache=cache)
+    hidden, cache = model.hidden_states(ids, mask, cache=cache)
     rng, step_rng = jax.random.split(rng)
-    token = sample_next(logits[:, -1], step_rng, temperature, top_p)
+    # the LM head at the last prompt position only (not [B * L, V])
+    token = sample_next(model.logits(hidden[:, -1]), step_rng, temperature, top_p)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, stop_ids)
 
@@ -285,9 +292,10 @@ class Generator:
         (normalized here; see :func:`fusion_log_weights`).
 
         All B x k prompts decode in one batched KV-cache loop; a query's rows all take the
-        token chosen (greedy or sampled as in :meth:`generate_ids`) from its mixture, and it
-        stops at EOS. ``share_prefix``: the tokens every prompt begins with (the chat template
-        and instructions before the passage) run once for all rows.
+        token chosen from its mixture (its argmax, or sampled from p_mix^(1/temperature),
+        nucleus-filtered at ``top_p``, as :meth:`generate_ids` samples), and it stops at
+        EOS. ``share_prefix``: the tokens every prompt begins with (the chat template and
+        instructions before the passage) run once for all rows.
         Returns new token ids [B, max_new_tokens] (pad after EOS); with ``return_logprobs``
         also their mixture log-probs [B, T] and the whole mixture log p [B, T, V].
         """
@@ -301,8 +309,7 @@ class Generator:
         flat = [list(p) for ps in prompt_ids for p in ps]
         # the window counts the padding between the prefix and a row's tokens as distance
         shared = share_prefix and self.model.config.sliding_window is None
-        prefix = max(0, min(_common_prefix_length(flat), min(len(x) for x in flat) - 1)) \
-            if shared else 0
+        prefix = shared_prefix_length(flat) if shared else 0
         length = bucket_length(max(len(x) - prefix for x in flat), self.length_buckets)
         ids, mask = left_pad([x[prefix:] for x in flat], length, self.pad_id)
         graphdef, state = nnx.split(self.model)
@@ -320,7 +327,7 @@ class Generator:
                           seed: int = 0) -> list[str]:
         """Text answers, one per query, from the mixture of its prompts (see
         :meth:`generate_ensemble_ids`)."""
-        new = self.generate_ensemble_ids(self._encode_groups(prompts), log_weights,
+        new = self.generate_ensemble_ids(self.encode_prompt_groups(prompts), log_weights,
                                          max_new_tokens, temperature, top_p, seed)
         return self.decode_new(new)
 
@@ -349,10 +356,11 @@ class Generator:
                        log_weights, reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
         """:meth:`score_ensemble_ids` on text (targets tokenized as in :meth:`score`)."""
         target_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-        return self.score_ensemble_ids(self._encode_groups(prompts), target_ids, log_weights,
+        return self.score_ensemble_ids(self.encode_prompt_groups(prompts), target_ids, log_weights,
                                        reduction)
 
-    def _encode_groups(self, prompts: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+    def encode_prompt_groups(self, prompts: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+        """:meth:`encode_prompts` of each query's prompts, in one tokenizer call."""
         flat = self.encode_prompts([p for ps in prompts for p in ps])
         out, start = [], 0
         for ps in prompts:

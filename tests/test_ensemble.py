@@ -277,3 +277,32 @@ def test_config_fusion_reaches_the_rag_system(tmp_path):
     assert rag.config.fusion == "concat" and rag.config.fusion_temperature == 0.3
     with pytest.raises(ConfigError, match="retrieval.fusion"):
         load_config(None, ["retrieval.fusion=sum"])
+
+
+def test_prefill_computes_the_lm_head_at_the_last_prompt_position_only():
+    """Both decodes need the next-token logits of each row's last prompt token: the LM head
+    over every prompt position ([rows * L, V], 49152 columns for SmolLM2) is wasted work."""
+    import re
+
+    from flax import nnx
+
+    from fedrag_jax.generator import _decode, _decode_ensemble
+    from fedrag_jax.models.llama import LlamaConfig
+
+    config = LlamaConfig(vocab_size=997, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
+    graphdef, state = nnx.split(CausalLM(config, rngs=nnx.Rngs(0)))
+    rows, length = 6, 40
+    ids, mask = np.ones((rows, length), np.int32), np.ones((rows, length), bool)
+    common = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
+    stop, pad = np.array([2], np.int32), np.int32(0)
+    programs = {
+        "concat": _decode.lower(graphdef, state, ids, mask, jax.random.key(0), stop, pad,
+                                **common),
+        "ensemble": _decode_ensemble.lower(graphdef, state, np.ones(5, np.int32), ids, mask,
+                                           np.zeros((2, 3), np.float32), jax.random.key(0),
+                                           stop, pad, keep_logprobs=False, **common)}
+    for name, lowered in programs.items():
+        hlo = lowered.compile().as_text()
+        head_rows = [int(m) for m in re.findall(r"f32\[(\d+),997\]\S* dot\(", hlo)]
+        assert head_rows and max(head_rows) == rows, (name, head_rows)

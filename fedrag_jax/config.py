@@ -53,6 +53,10 @@ class RetrievalConfig:
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # must contain {context} and {query}
     max_context_tokens: int = 160  # per passage in prompts
     max_new_tokens: int = 32  # generated answer length
+    # concat: the top-k passages in one prompt; ensemble (REPLUG): one prompt per passage, the
+    # next-token distributions mixed with P_R(d|x) = softmax(s(x,d) / fusion_temperature)
+    fusion: Literal["concat", "ensemble"] = "concat"  # how the top-k passages reach the LM
+    fusion_temperature: float | None = None  # null: lsr.tau_retrieval (the P_R LSR trains)
 
 
 @dataclass
@@ -101,6 +105,9 @@ class RALTConfig:
     max_length: int = 384  # prompt + response tokens; the passage is truncated to fit
     weighting: Literal["uniform", "retrieval"] = "uniform"  # instance weights: 1 or P_R(d|x)
     top_k: int | None = None  # passages per query in training (default: retrieval.top_k)
+    # single: one instance per (query, passage), the layout of retrieval.fusion=ensemble;
+    # concat: one per query with its top-k passages in one prompt, as fusion=concat infers
+    context: Literal["single", "concat"] = "single"  # an instance per passage, or per query
     # Sequence packing (centralized and federated): a step's instances share a few rows, each
     # attending only within its own segment with RoPE positions from 0, instead of one
     # left-padded row each: the same loss and gradients on fewer padded tokens. The prompt

@@ -4,6 +4,9 @@
 then a ``while_loop`` of single-token steps on the cache) and stops each row at EOS.
 ``score`` puts every (prompt, target) pair in one forward and evaluates the LM head only at
 the target positions: LSR (``finetune``) is built on it.
+``generate_ensemble`` / ``score_ensemble`` are the REPLUG ensemble (RA-DIT's parallel
+retrieval augmentation): one prompt per retrieved passage, the next-token distributions (or
+the sequence probabilities) mixed with the retrieval weights P_R(d | x).
 """
 
 from __future__ import annotations
@@ -44,6 +47,26 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
     return ids, mask
 
 
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return n
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``prompts`` share, each keeping at least one of its own
+    (its last prompt token predicts the first new one)."""
+    return max(0, min(_common_prefix_length(prompts), min(len(x) for x in prompts) - 1))
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log sum exp over the last axis, float64."""
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
 def sample_next(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float):
     """Greedy when temperature == 0, else nucleus sampling from softmax(logits / T)."""
     if temperature == 0.0:
@@ -66,9 +89,10 @@ def _decode(graphdef, state, ids, mask, rng, stop_ids, pad_id, *, max_new_tokens
     model = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model(ids, mask, cache=cache)
+    hidden, cache = model.hidden_states(ids, mask, cache=cache)
     rng, step_rng = jax.random.split(rng)
-    token = sample_next(logits[:, -1], step_rng, temperature, top_p)
+    # the LM head at the last prompt position only (not [B * L, V])
+    token = sample_next(model.logits(hidden[:, -1]), step_rng, temperature, top_p)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, stop_ids)
 
@@ -87,6 +111,81 @@ def _decode(graphdef, state, ids, mask, rng, stop_ids, pad_id, *, max_new_tokens
 
     _, _, _, _, out, _ = jax.lax.while_loop(cond, body, (1, token, cache, done, out, rng))
     return out
+
+
+def fusion_log_weights(scores, temperature: float) -> np.ndarray:
+    """log P_R(d | x) = log softmax_k(s(x, d) / tau), float64 [B, k]: the ensemble's mixture
+    weights from the store's similarity scores (the P_R that LSR trains at its tau)."""
+    if not temperature > 0:
+        raise DataError(f"the fusion temperature must be > 0, got {temperature!r}")
+    z = np.asarray(scores, np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_p", "keep_logprobs"))
+def _decode_ensemble(graphdef, state, prefix_ids, ids, mask, log_weights, rng, stop_ids, pad_id,
+                     *, max_new_tokens: int, temperature: float, top_p: float,
+                     keep_logprobs: bool):
+    """REPLUG ensemble decoding: rows [B * k] are the k passage prompts of B queries (query
+    b's in rows b*k .. b*k+k-1), left-padded after ``prefix_ids`` [p], the start they all
+    share (run once, see ``CausalLM.prefix_cache``). At every step the k next-token
+    distributions of a query are mixed in float32 log space,
+        log p(y_t | y_<t, x) = logsumexp_d(log P_R(d | x) + log p(y_t | y_<t, d, x)),
+    one token is chosen from the mixture and fed to all k rows. Returns the tokens and their
+    mixture log-probs [B, T] (and the whole mixture [B, T, V] with ``keep_logprobs``)."""
+    model = nnx.merge(graphdef, state)
+    rows, length = ids.shape
+    batch, k = log_weights.shape
+    p = prefix_ids.shape[0]
+    total = p + length + max_new_tokens
+    cache = model.prefix_cache(prefix_ids, rows, total) if p else model.init_cache(rows, total)
+    log_weights = log_weights.astype(jnp.float32)[:, :, None]
+
+    def step(tokens, valid, cache):
+        hidden, cache = model.hidden_states(tokens, valid, cache=cache)
+        logp = jax.nn.log_softmax(model.logits(hidden[:, -1]), axis=-1)  # [B*k, V] float32
+        return jax.nn.logsumexp(log_weights + logp.reshape(batch, k, -1), axis=1), cache
+
+    def choose(mixed, rng, done):
+        token = sample_next(mixed, rng, temperature, top_p)
+        token_logp = jnp.take_along_axis(mixed, token[:, None], axis=-1)[:, 0]
+        return jnp.where(done, pad_id, token), jnp.where(done, 0.0, token_logp)
+
+    vocab = model.config.vocab_size
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    out_logp = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    dists = jnp.zeros((batch, max_new_tokens if keep_logprobs else 0, vocab), jnp.float32)
+
+    def record(i, token, token_logp, mixed, out, out_logp, dists):
+        out, out_logp = out.at[:, i].set(token), out_logp.at[:, i].set(token_logp)
+        if keep_logprobs:
+            dists = dists.at[:, i].set(mixed)
+        return out, out_logp, dists
+
+    mixed, cache = step(ids, mask, cache)
+    rng, step_rng = jax.random.split(rng)
+    no = jnp.zeros((batch,), bool)
+    token, token_logp = choose(mixed, step_rng, no)
+    out, out_logp, dists = record(0, token, token_logp, mixed, out, out_logp, dists)
+    done = jnp.isin(token, stop_ids)
+
+    def cond(carry):
+        i, done = carry[0], carry[3]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, done, out, out_logp, dists, rng = carry
+        fed = jnp.repeat(token, k)[:, None]  # the query's chosen token, to each of its rows
+        mixed, cache = step(fed, jnp.ones((rows, 1), bool), cache)
+        rng, step_rng = jax.random.split(rng)
+        nxt, nxt_logp = choose(mixed, step_rng, done)
+        out, out_logp, dists = record(i, nxt, nxt_logp, mixed, out, out_logp, dists)
+        return i + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, out_logp, dists, rng
+
+    carry = jax.lax.while_loop(cond, body, (1, token, cache, done, out, out_logp, dists, rng))
+    return carry[4], carry[5], carry[6]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -171,12 +270,122 @@ class Generator:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
         new = self.generate_ids(self.encode_prompts(prompts), max_new_tokens, temperature,
                                 top_p, seed)
+        return self.decode_new(new)
+
+    def decode_new(self, new: np.ndarray) -> list[str]:
+        """Text of each row of new token ids, up to its first stop token."""
         texts = []
         for row in new:
             stops = np.flatnonzero(np.isin(row, self.stop_ids))
             row = row[: stops[0]] if stops.size else row
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
+
+    # --- ensemble (REPLUG / RA-DIT parallel retrieval augmentation) --------------------------
+    def generate_ensemble_ids(self, prompt_ids: Sequence[Sequence[Sequence[int]]], log_weights,
+                              max_new_tokens: int = 64, temperature: float = 0.0,
+                              top_p: float = 1.0, seed: int = 0, *, share_prefix: bool = True,
+                              return_logprobs: bool = False):
+        """Decode each query from the mixture of its k prompts (one per retrieved passage):
+        p(y_t | y_<t, x) = sum_d P_R(d | x) p(y_t | y_<t, d, x), ``prompt_ids[b][d]`` the
+        tokens of query b's prompt with passage d, ``log_weights`` [B, k] log P_R(d | x)
+        (normalized here; see :func:`fusion_log_weights`).
+
+        All B x k prompts decode in one batched KV-cache loop; a query's rows all take the
+        token chosen from its mixture (its argmax, or sampled from p_mix^(1/temperature),
+        nucleus-filtered at ``top_p``, as :meth:`generate_ids` samples), and it stops at
+        EOS. ``share_prefix``: the tokens every prompt begins with (the chat template and
+        instructions before the passage) run once for all rows.
+        Returns new token ids [B, max_new_tokens] (pad after EOS); with ``return_logprobs``
+        also their mixture log-probs [B, T] and the whole mixture log p [B, T, V].
+        """
+        log_weights = self._ensemble_weights(prompt_ids, log_weights)
+        batch, k = log_weights.shape
+        if batch == 0:
+            empty = np.zeros((0, max_new_tokens), np.int32)
+            vocab = self.model.config.vocab_size
+            return (empty, empty.astype(np.float32),
+                    np.zeros((0, max_new_tokens, vocab), np.float32)) if return_logprobs else empty
+        flat = [list(p) for ps in prompt_ids for p in ps]
+        # the window counts the padding between the prefix and a row's tokens as distance
+        shared = share_prefix and self.model.config.sliding_window is None
+        prefix = shared_prefix_length(flat) if shared else 0
+        length = bucket_length(max(len(x) - prefix for x in flat), self.length_buckets)
+        ids, mask = left_pad([x[prefix:] for x in flat], length, self.pad_id)
+        graphdef, state = nnx.split(self.model)
+        tokens, token_logp, dists = _decode_ensemble(
+            graphdef, state, np.asarray(flat[0][:prefix], np.int32), ids, mask,
+            log_weights.astype(np.float32), jax.random.key(seed), self.stop_ids,
+            np.int32(self.pad_id), max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature), top_p=float(top_p), keep_logprobs=return_logprobs)
+        if return_logprobs:
+            return np.asarray(tokens), np.asarray(token_logp), np.asarray(dists)
+        return np.asarray(tokens)
+
+    def generate_ensemble(self, prompts: Sequence[Sequence[str]], log_weights,
+                          max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                          seed: int = 0) -> list[str]:
+        """Text answers, one per query, from the mixture of its prompts (see
+        :meth:`generate_ensemble_ids`)."""
+        new = self.generate_ensemble_ids(self.encode_prompt_groups(prompts), log_weights,
+                                         max_new_tokens, temperature, top_p, seed)
+        return self.decode_new(new)
+
+    def score_ensemble_ids(self, prompt_ids: Sequence[Sequence[Sequence[int]]],
+                           target_ids: Sequence[Sequence[int]], log_weights,
+                           reduction: Literal["sum", "mean"] = "sum", *,
+                           pack: bool = False) -> np.ndarray:
+        """log sum_d P_R(d | x) p(y | d, x) per query: REPLUG's ensemble likelihood of the
+        target, a mixture of sequence probabilities (``reduction="mean"``: divided by the
+        target's length). The B x k pairs are scored as by :meth:`score_ids`, in float64."""
+        log_weights = self._ensemble_weights(prompt_ids, log_weights)
+        batch, k = log_weights.shape
+        if len(target_ids) != batch:
+            raise DataError(f"{batch} queries but {len(target_ids)} targets")
+        if batch == 0:
+            return np.zeros((0,), np.float64)
+        flat = [p for ps in prompt_ids for p in ps]
+        per_pair = self.score_ids(flat, [t for t in target_ids for _ in range(k)], "sum",
+                                  pack=pack).reshape(batch, k)
+        total = _logsumexp(log_weights + per_pair)
+        if reduction == "mean":
+            return total / np.array([len(t) for t in target_ids], np.float64)
+        return total
+
+    def score_ensemble(self, prompts: Sequence[Sequence[str]], targets: Sequence[str],
+                       log_weights, reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
+        """:meth:`score_ensemble_ids` on text (targets tokenized as in :meth:`score`)."""
+        target_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+        return self.score_ensemble_ids(self.encode_prompt_groups(prompts), target_ids, log_weights,
+                                       reduction)
+
+    def encode_prompt_groups(self, prompts: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+        """:meth:`encode_prompts` of each query's prompts, in one tokenizer call."""
+        flat = self.encode_prompts([p for ps in prompts for p in ps])
+        out, start = [], 0
+        for ps in prompts:
+            out.append(flat[start:start + len(ps)])
+            start += len(ps)
+        return out
+
+    @staticmethod
+    def _ensemble_weights(prompt_ids, log_weights) -> np.ndarray:
+        """log_weights as float64 [B, k], normalized, after checking they fit the prompts."""
+        lw = np.asarray(log_weights, np.float64)
+        if lw.ndim != 2 or lw.shape[0] != len(prompt_ids):
+            raise DataError(f"log_weights must be [queries={len(prompt_ids)}, k], got shape "
+                            f"{lw.shape}")
+        if lw.shape[0] and lw.shape[1] == 0:
+            raise DataError("every query needs at least one prompt")
+        for b, ps in enumerate(prompt_ids):
+            if len(ps) != lw.shape[1]:
+                raise DataError(f"query {b} has {len(ps)} prompts, expected k={lw.shape[1]} "
+                                "(the same number for every query of a call)")
+            if any(len(p) == 0 for p in ps):
+                raise DataError(f"query {b} has an empty prompt")
+        if not np.all(np.isfinite(lw)):
+            raise DataError("log_weights must be finite")
+        return lw - _logsumexp(lw)[:, None] if lw.size else lw
 
     # --- score -------------------------------------------------------------------------------
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]],

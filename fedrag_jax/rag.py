@@ -2,7 +2,7 @@
 
 A saved system is one folder::
 
-    rag_config.json      top_k, prompt template, separator, retriever settings
+    rag_config.json      top_k, prompt template, separator, fusion, retriever settings
     retriever/           HF folder of the query tower (sentence-transformers files included)
     context_retriever/   the context tower, only when the towers have separate weights
     generator/           HF folder of the generator (LoRA adapters merged), tokenizer included
@@ -16,9 +16,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
-from .errors import CheckpointNotFoundError
-from .generator import Generator
+import numpy as np
+
+from .errors import CheckpointNotFoundError, DataError
+from .generator import Generator, fusion_log_weights
 from .knowledge_store import KnowledgeStore, load_store
 from .outputs import is_remote, out_path, staged_directory
 from .retriever import DualEncoder
@@ -57,14 +60,45 @@ class RAGSystem:
         return tok.decode(ids)
 
     def build_prompt(self, query: str, sources: Sequence[SourceNode]) -> str:
+        """The concat prompt: every passage in one context."""
         return self.config.format_prompt(query, [self._context(s.text) for s in sources])
 
+    def passage_prompts(self, query: str, sources: Sequence[SourceNode]) -> list[str]:
+        """The ensemble's prompts: one per passage, each as :meth:`build_prompt` with it alone."""
+        return [self.config.format_prompt(query, [self._context(s.text)]) for s in sources]
+
+    def fusion_log_weights(self, sources: Sequence[Sequence[SourceNode]]) -> np.ndarray:
+        """log P_R(d | x) = log softmax_k(s(x, d) / tau) [B, k] of the retrieved passages."""
+        return fusion_log_weights([[s.score for s in row] for row in sources],
+                                  self.config.fusion_temperature)
+
     def batch_query(self, queries: Sequence[str], **generate_kwargs) -> list[RAGResponse]:
+        """Answers from the top-k passages, fused as ``config.fusion`` says."""
         sources = self.batch_retrieve(queries)
-        prompts = [self.build_prompt(q, s) for q, s in zip(queries, sources, strict=True)]
         generate_kwargs.setdefault("max_new_tokens", self.max_new_tokens)
-        answers = self.generator.generate(prompts, **generate_kwargs)
+        if self.config.fusion == "ensemble":
+            prompts = [self.passage_prompts(q, s) for q, s in zip(queries, sources, strict=True)]
+            answers = self.generator.generate_ensemble(prompts, self.fusion_log_weights(sources),
+                                                       **generate_kwargs)
+        else:
+            prompts = [self.build_prompt(q, s) for q, s in zip(queries, sources, strict=True)]
+            answers = self.generator.generate(prompts, **generate_kwargs)
         return [RAGResponse(a, s) for a, s in zip(answers, sources, strict=True)]
+
+    def score(self, queries: Sequence[str], responses: Sequence[str],
+              reduction: Literal["sum", "mean"] = "sum") -> np.ndarray:
+        """log p(response | query) under this system, float64 [B]: over the concat prompt, or
+        (ensemble) log sum_d P_R(d | x) p(response | prompt(x, d)). Responses are tokenized
+        as :meth:`Generator.score` does (on their own, no special tokens)."""
+        if len(queries) != len(responses):
+            raise DataError(f"{len(queries)} queries but {len(responses)} responses")
+        sources = self.batch_retrieve(queries)
+        if self.config.fusion == "ensemble":
+            prompts = [self.passage_prompts(q, s) for q, s in zip(queries, sources, strict=True)]
+            return self.generator.score_ensemble(prompts, responses,
+                                                 self.fusion_log_weights(sources), reduction)
+        prompts = [self.build_prompt(q, s) for q, s in zip(queries, sources, strict=True)]
+        return self.generator.score(prompts, responses, reduction)
 
     def query(self, query: str, **generate_kwargs) -> RAGResponse:
         return self.batch_query([query], **generate_kwargs)[0]

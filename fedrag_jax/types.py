@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,17 +56,36 @@ class SourceNode:
         return self.node.text
 
 
+FUSIONS = ("concat", "ensemble")
+
+
 @dataclass
 class RAGConfig:
-    """How many passages to retrieve and how to put them into the generator's prompt."""
+    """How many passages to retrieve and how to put them into the generator's prompt.
+
+    ``fusion``: "concat" puts the top-k passages into one prompt (joined by
+    ``context_separator``); "ensemble" (REPLUG; RA-DIT's parallel retrieval augmentation)
+    gives each passage its own prompt and mixes the k next-token distributions at every
+    decoding step with P_R(d | x) = softmax_k(s(x, d) / fusion_temperature), s the store's
+    similarity scores: the layout LSR and per-passage RALT train on.
+    """
 
     top_k: int = 4
     context_separator: str = "\n"
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    fusion: Literal["concat", "ensemble"] = "concat"
+    fusion_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ConfigError(f"RAGConfig.top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"RAGConfig.fusion must be one of {list(FUSIONS)}, "
+                              f"got {self.fusion!r}")
+        tau = self.fusion_temperature
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0 \
+                or tau == float("inf"):
+            raise ConfigError(f"RAGConfig.fusion_temperature must be a number > 0, got {tau!r}")
         for placeholder in ("{context}", "{query}"):
             if placeholder not in self.prompt_template:
                 raise ConfigError(

@@ -10,6 +10,17 @@ JSON.
 
     python scripts/bench_generate.py [--batches 1 8] [--new-tokens 64] [--repeats 3]
                                      [--skip-torch] [--out FILE]
+
+``--fusion``: instead, the decode cost of the two ways a RAG system puts its top-k passages
+into the generator, on the same queries (bundled MiniLM retriever over the first
+``--corpus-limit`` passages of the bundled corpus, bundled SmolLM2, chat template, k=3,
+passages cut to 160 tokens as retrieval.max_context_tokens does): concat (one prompt of k
+passages per query) against ensemble (REPLUG: k prompts per query, one batched KV-cache
+decode mixing their next-token distributions), with and without the shared prompt prefix.
+Then a sanity run: the questions (``SANITY_QUESTIONS``: facts stated in a passage) answered
+(EOS on) by both, untuned, and the per-token log p of the gold answer under each.
+
+    python scripts/bench_generate.py --fusion [--queries 8] [--new-tokens 32] [--out FILE]
 """
 
 from __future__ import annotations
@@ -74,6 +85,164 @@ def compare_tokens(ours, theirs, stop_ids) -> tuple[bool, int]:
     return bool(np.array_equal(ours[:n], theirs[:n])), n
 
 
+# --fusion's sanity questions: the answer is a fact that the gold article's passage states
+# (never its title); the index holds these articles and the first --corpus-limit others
+SANITY_QUESTIONS = [
+    ("Who wrote the play Hamlet?", "William Shakespeare", "Hamlet"),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci", "Mona Lisa"),
+    ("What is the chemical symbol of gold?", "Au", "Gold"),
+    ("What is the atomic number of gold?", "79", "Gold"),
+    ("Counting from the Sun, which planet is Jupiter?", "fifth", "Jupiter"),
+    ("Which river is Paris located on?", "Seine", "Paris"),
+    ("How many days does the Moon take to complete an orbit relative to Earth and the Sun?",
+     "29.5", "Moon"),
+    ("Which theory is Albert Einstein best known for developing?", "relativity",
+     "Albert Einstein"),
+]
+
+
+def fusion_bench(args) -> None:
+    """concat vs ensemble decode cost on the same queries, then their answers (see module doc)."""
+    import jax
+    import numpy as np
+
+    from fedrag_jax import assets
+    from fedrag_jax.evals.metrics import exact_match, normalize_answer
+    from fedrag_jax.generator import Generator, bucket_length, shared_prefix_length
+    from fedrag_jax.indexing import build_store, load_corpus
+    from fedrag_jax.rag import RAGSystem
+    from fedrag_jax.retriever import DualEncoder
+    from fedrag_jax.types import RAGConfig
+
+    k, n_new, tau = 3, args.new_tokens, 0.05  # tau: lsr.tau_retrieval, the default fusion one
+    everything = load_corpus("bundled")
+    by_title = {r["title"]: r for r in everything}
+    questions = [{"query": q, "response": a, "gold_id": by_title[t]["id"]}
+                 for q, a, t in SANITY_QUESTIONS[:args.queries]]
+    gold = {q["gold_id"] for q in questions}
+    corpus = [r for r in everything if r["id"] in gold] + \
+        [r for r in everything[:args.corpus_limit] if r["id"] not in gold]
+    retriever = DualEncoder.from_pretrained(assets.retriever_path(), max_length=128)
+    print(f"indexing {len(corpus)} passages ...", flush=True)
+    store = build_store(corpus, retriever, backend="exact", progress=False)
+    generator = Generator.from_pretrained(assets.generator_path())
+    config = RAGConfig(top_k=k, fusion_temperature=tau)
+    rag = RAGSystem(retriever, store, generator, config, max_new_tokens=n_new,
+                    max_context_tokens=160)
+    queries = [q["query"] for q in questions]
+    sources = rag.batch_retrieve(queries)
+    concat_ids = generator.encode_prompts([rag.build_prompt(q, s)
+                                           for q, s in zip(queries, sources, strict=True)])
+    groups = generator.encode_prompt_groups([rag.passage_prompts(q, s)
+                                       for q, s in zip(queries, sources, strict=True)])
+    log_weights = rag.fusion_log_weights(sources)
+
+    eos_ids = generator.stop_ids.copy()
+    generator.stop_ids = np.asarray([-1], np.int32)  # timing: exactly n_new tokens
+    flat = [p for ps in groups for p in ps]
+    prefix = shared_prefix_length(flat)
+    modes = {
+        "concat": (len(queries), bucket_length(max(map(len, concat_ids)),
+                                               generator.length_buckets), 0,
+                   lambda n: generator.generate_ids(concat_ids, n)),
+        "ensemble": (len(flat), bucket_length(max(len(p) - prefix for p in flat),
+                                              generator.length_buckets), prefix,
+                     lambda n: generator.generate_ensemble_ids(groups, log_weights, n)),
+        "ensemble, no shared prefix": (
+            len(flat), bucket_length(max(map(len, flat)), generator.length_buckets), 0,
+            lambda n: generator.generate_ensemble_ids(groups, log_weights, n,
+                                                      share_prefix=False)),
+    }
+    load_before = os.getloadavg()
+    for *_, fn in modes.values():  # compile both lengths of every mode first
+        fn(n_new), fn(1)
+    # round-robin, best of --repeats: on a shared machine a burst of load hits every mode
+    best = {name: [float("inf"), float("inf")] for name in modes}
+    for repeat in range(args.repeats):
+        for name, (*_, fn) in modes.items():
+            for j, n in enumerate((n_new, 1)):
+                start = time.perf_counter()
+                fn(n)
+                best[name][j] = min(best[name][j], time.perf_counter() - start)
+        print(f"  round {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {b[0]:.2f} s" for name, b in best.items()), flush=True)
+    rows = []
+    for name, (n_rows, padded, shared, _) in modes.items():
+        full, one = best[name]
+        rows.append({"mode": name, "rows": n_rows, "padded_prompt_length": padded,
+                     "shared_prefix": shared, "seconds": full, "seconds_1_token": one,
+                     "decode_ms_per_step": (full - one) / (n_new - 1) * 1e3,
+                     # the work that explains the times: tokens through the model in the
+                     # prefill, and the KV-cache slots all rows attend to at the last step
+                     "prefill_tokens": n_rows * padded + shared,
+                     "kv_slots_last_step": n_rows * (shared + padded + n_new)})
+    generator.stop_ids = eos_ids
+    load_after = os.getloadavg()
+    base = rows[0]
+    print(f"\nconcat vs ensemble: SmolLM2-135M-Instruct fp32 ({jax.default_backend()}), "
+          f"{len(queries)} queries x k={k} passages (<= 160 tokens each), greedy, {n_new} new "
+          f"tokens per query (no early stop), best of {args.repeats}; 1-min load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after on {os.cpu_count()} cpus")
+    print(f"{'mode':<28} {'rows':>4} {'prompt':>6} {'prefix':>6} {'prefill tok':>11} "
+          f"{'KV slots':>8} {'prefill ms':>10} {'decode ms/step':>14} {'total s':>8} "
+          f"{'total vs concat':>15} {'prefill vs':>10} {'step vs':>8}")
+    for r in rows:
+        r["total_ratio_vs_concat"] = r["seconds"] / base["seconds"]
+        r["prefill_ratio_vs_concat"] = r["seconds_1_token"] / base["seconds_1_token"]
+        r["decode_ratio_vs_concat"] = r["decode_ms_per_step"] / base["decode_ms_per_step"]
+        print(f"{r['mode']:<28} {r['rows']:>4} {r['padded_prompt_length']:>6} "
+              f"{r['shared_prefix']:>6} {r['prefill_tokens']:>11} {r['kv_slots_last_step']:>8} "
+              f"{r['seconds_1_token'] * 1e3:>10.1f} {r['decode_ms_per_step']:>14.1f} "
+              f"{r['seconds']:>8.3f} {r['total_ratio_vs_concat']:>14.2f}x "
+              f"{r['prefill_ratio_vs_concat']:>9.2f}x {r['decode_ratio_vs_concat']:>7.2f}x")
+    print("(prompt = padded prompt tokens per row after the shared prefix, which runs once; "
+          "prefill tok = tokens through the model before the first new one; KV slots = cache "
+          "slots attended at the last step, all rows; prefill ms = a 1-token generate; decode "
+          "ms/step = (t(n) - t(1)) / (n - 1); 'vs' columns: ratio to concat)")
+
+    # --- sanity: answers of both, untuned, EOS on ------------------------------------------
+    answers, gold_logp = {}, {}
+    golds = [q["response"] for q in questions]
+    for fusion in ("concat", "ensemble"):
+        rag.config = RAGConfig(top_k=k, fusion=fusion, fusion_temperature=tau)
+        answers[fusion] = [r.answer for r in rag.batch_query(queries)]
+        gold_logp[fusion] = rag.score(queries, golds, reduction="mean").tolist()
+    gold_in_top = [any(s.node_id == q["gold_id"] for s in row)
+                   for q, row in zip(questions, sources, strict=True)]
+    sanity = []
+    print(f"\nanswers (untuned, EOS on, up to {n_new} tokens); P_R = softmax(s / {tau})")
+    for i, q in enumerate(questions):
+        weights = np.exp(log_weights[i])
+        row = {"query": q["query"], "gold": q["response"], "gold_in_top_k": gold_in_top[i],
+               "weights": weights.round(3).tolist()}
+        print(f"- {q['query']}  [gold: {q['response']}; gold passage in top {k}: "
+              f"{gold_in_top[i]}; P_R {np.round(weights, 2).tolist()}]")
+        for fusion in ("concat", "ensemble"):
+            contained = normalize_answer(q["response"]) in normalize_answer(answers[fusion][i])
+            row[fusion] = {"answer": answers[fusion][i], "answer_contained": contained,
+                           "exact_match": exact_match(answers[fusion][i], q["response"]),
+                           "gold_mean_logprob": gold_logp[fusion][i]}
+            print(f"    {fusion:<8} {answers[fusion][i]!r} (contained {contained}, "
+                  f"mean log p(gold) {gold_logp[fusion][i]:.2f})")
+        sanity.append(row)
+    for fusion in ("concat", "ensemble"):
+        print(f"{fusion}: answer contained {sum(r[fusion]['answer_contained'] for r in sanity)}"
+              f"/{len(sanity)}, EM {sum(r[fusion]['exact_match'] for r in sanity):.0f}"
+              f"/{len(sanity)}, mean log p(gold) per token "
+              f"{np.mean(gold_logp[fusion]):.3f}")
+
+    out = Path(args.out if args.out != "bench_results/generate.json"
+               else "bench_results/generate_fusion.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "smollm2_fusion", "new_tokens": n_new, "top_k": k, "queries": queries,
+        "fusion_temperature": tau, "corpus_passages": len(corpus), "repeats": args.repeats,
+        "machine": platform.machine(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "jax_version": jax.__version__, "results": rows, "sanity": sanity}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -81,10 +250,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench_results/generate.json")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--fusion", action="store_true",
+                        help="concat vs ensemble fusion instead (see the module doc)")
+    parser.add_argument("--queries", type=int, default=len(SANITY_QUESTIONS),
+                        help="--fusion: questions (the first of SANITY_QUESTIONS)")
+    parser.add_argument("--corpus-limit", type=int, default=1000,
+                        help="--fusion: passages of the bundled corpus to index")
     args = parser.parse_args()
     n_new = args.new_tokens
     if n_new < 2:
         parser.error("--new-tokens must be >= 2 (the decode step is timed as t(n) - t(1))")
+    if args.fusion:
+        fusion_bench(args)
+        return
 
     import jax
     import numpy as np

@@ -5,7 +5,8 @@ LSR (retriever):  for each query, its top-k passages from the store (ids + froze
     every passage d, scored by the frozen generator in large batched forwards.
 RALT (generator): one instance per (query, passage): prompt(query, passage) + response + EOS,
     left-padded to a length bucket, with the positions that predict response + EOS (the only
-    labelled tokens). The passage is truncated to fit, never the response.
+    labelled tokens). The passage is truncated to fit, never the response. With
+    ``context="concat"``: one instance per query, all its passages in one prompt.
     Packed (``pack_rows``): instead of one left-padded row each, the instances of every
     micro-batch share a fixed number of rows (first-fit decreasing) at the smallest length
     bucket that holds them, with per-token segment ids; the labelled positions are the same
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..generator import DEFAULT_LENGTH_BUCKETS, Generator, bucket_length, left_pad
 from ..jsonl import read_jsonl
 from ..types import DEFAULT_PROMPT_TEMPLATE
@@ -80,6 +81,10 @@ class PromptBuilder:
         ids = self.generator.tokenizer(list(passages), add_special_tokens=False)["input_ids"]
         return [p[: self.max_passage_tokens] for p in ids] if self.max_passage_tokens else ids
 
+    def separator_ids(self, separator: str) -> list[int]:
+        """Tokens of the separator that joins passages in a concat prompt."""
+        return self.generator.tokenizer(separator, add_special_tokens=False)["input_ids"]
+
     def target_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """Response tokens + EOS (the labels of RALT, the target of LSR's LM score)."""
         eos = int(self.generator.stop_ids[0])
@@ -109,6 +114,35 @@ def _target_length(targets: Sequence[list[int]], target_length: int | None) -> i
                         f"{target_length}; the response is never truncated: raise "
                         "target_length (or leave it unset)")
     return target_length or longest
+
+
+def assemble_concat(left: list[int], passages: Sequence[list[int]], separator: list[int],
+                    right: list[int], target: list[int], max_length: int) -> list[int]:
+    """prompt(query, all passages joined by ``separator``) + target within ``max_length``
+    tokens (the concat prompt of ``RAGConfig.format_prompt``), cutting the passages only:
+    the longest are cut to one common length (the best-ranked get any token left over), so
+    every passage keeps a share."""
+    fixed = len(left) + len(right) + len(target) + len(separator) * max(len(passages) - 1, 0)
+    budget = max_length - fixed
+    if budget < 0:
+        raise DataError(f"query + response + separators take {fixed} tokens, more than "
+                        f"max_length={max_length}; raise max_length")
+    lengths = [len(p) for p in passages]
+    keep = lengths
+    if sum(lengths) > budget:
+        lo, hi = 0, max(lengths)  # the largest common cap m with sum(min(len, m)) <= budget
+        while lo < hi:
+            m = (lo + hi + 1) // 2
+            lo, hi = (m, hi) if sum(min(n, m) for n in lengths) <= budget else (lo, m - 1)
+        keep = [min(n, lo) for n in lengths]
+        extra = budget - sum(keep)
+        for i, n in enumerate(lengths):
+            if extra and n > keep[i]:
+                keep[i], extra = keep[i] + 1, extra - 1
+    context: list[int] = []
+    for i, (p, n) in enumerate(zip(passages, keep, strict=True)):
+        context += (separator if i else []) + list(p[:n])
+    return left + context + right
 
 
 def target_arrays(prompts: Sequence[list[int]], targets: Sequence[list[int]],
@@ -433,20 +467,39 @@ def build_ralt_dataset(records: Iterable[dict], retriever, store, generator: Gen
                        max_passage_tokens: int | None = None, weighting: str = "uniform",
                        tau_retrieval: float = 1.0, seed: int = 0,
                        buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-                       progress: bool = True) -> RALTDataset:
-    """weighting: "uniform" (each instance 1) or "retrieval" (P_R(d | x) of the passage)."""
+                       progress: bool = True, context: str = "single",
+                       context_separator: str = "\n") -> RALTDataset:
+    """weighting: "uniform" (each instance 1) or "retrieval" (P_R(d | x) of the passage).
+
+    context: "single", one instance per (query, passage) (the layout of ensemble inference);
+    "concat", one instance per query, its top-k passages joined by ``context_separator`` in
+    one prompt (the RAG system's concat prompt), cut to fit by :func:`assemble_concat`.
+    """
+    if context not in ("single", "concat"):
+        raise DataError(f"context must be 'single' or 'concat', got {context!r}")
+    if context == "concat" and weighting == "retrieval":
+        raise ConfigError("ralt.weighting='retrieval' weighs each (query, passage) instance by "
+                          "P_R(d | x); ralt.context='concat' makes one instance of all the "
+                          "passages: use weighting='uniform' or context='single'")
     records = load_records(records)
     q_emb = retriever.encode_query([r["query"] for r in records], progress=progress)
     scores, ids = store.search(q_emb, top_k)
     nodes = {n.node_id: n for n in store.get(sorted({str(i) for i in ids.reshape(-1)}))}
     builder = PromptBuilder(generator, template, max_passage_tokens)
     targets = builder.target_ids([r["response"] for r in records])
+    separator = builder.separator_ids(context_separator)
     prompts = []
     for r, row, target in zip(records, ids, targets, strict=True):
         left, right = builder.parts(r["query"])
         passages = builder.passage_ids([nodes[str(i)].text for i in row])
+        if context == "concat":
+            prompts.append([assemble_concat(left, passages, separator, right, target,
+                                            max_length)])
+            continue
         prompts.append([assemble(left, p, right, target, max_length) for p in passages])
-    if weighting == "retrieval":  # P_R(d | x) = softmax(s / tau_R), as LSR's
+    if context == "concat":
+        weights = np.ones((len(records), 1), np.float32)
+    elif weighting == "retrieval":  # P_R(d | x) = softmax(s / tau_R), as LSR's
         z = scores / tau_retrieval
         z = np.exp(z - z.max(-1, keepdims=True))
         weights = (z / z.sum(-1, keepdims=True)) * top_k  # mean weight 1 per instance

@@ -83,8 +83,10 @@ def build_rag_system(config: Config, mesh=None,
                                 where=config.data.index or "the given store")
     else:
         store = build_store(corpus, retriever, backend=r.backend, progress=config.progress)
+    tau = config.lsr.tau_retrieval if r.fusion_temperature is None else r.fusion_temperature
     rag = RAGSystem(retriever, store, generator,
-                    RAGConfig(top_k=r.top_k, prompt_template=r.prompt_template),
+                    RAGConfig(top_k=r.top_k, prompt_template=r.prompt_template, fusion=r.fusion,
+                              fusion_temperature=tau),
                     max_new_tokens=r.max_new_tokens, max_context_tokens=r.max_context_tokens)
     return rag, corpus
 
@@ -403,7 +405,8 @@ class FinetuneManager:
             records, rag.retriever, rag.store, rag.generator,
             top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
             template=rag.config.prompt_template, max_length=ralt.max_length,
-            max_passage_tokens=rag.max_context_tokens, seed=c.seed, progress=False)
+            max_passage_tokens=rag.max_context_tokens, seed=c.seed, progress=False,
+            context=ralt.context, context_separator=rag.config.context_separator)
         data.shuffle = False
         batches = [data.batch_at(0, i) for i in range(len(data))]
 
@@ -430,7 +433,8 @@ class FinetuneManager:
             top_k=ralt.top_k or rag.config.top_k, batch_size=ralt.batch_size,
             template=rag.config.prompt_template, max_length=ralt.max_length,
             max_passage_tokens=rag.max_context_tokens, weighting=ralt.weighting,
-            tau_retrieval=c.lsr.tau_retrieval, seed=c.seed, progress=c.progress)
+            tau_retrieval=c.lsr.tau_retrieval, seed=c.seed, progress=c.progress,
+            context=ralt.context, context_separator=rag.config.context_separator)
 
     def ralt_model(self) -> tuple[nnx.Module, Any, OptimizerConfig]:
         return ralt_model(self.config, self.rag.generator.model)

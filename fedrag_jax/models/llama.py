@@ -336,6 +336,27 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
         return KVCache.empty(self.config, batch, max_length, dtype)
 
+    def prefix_cache(self, prefix_ids: jax.Array, batch: int, max_length: int,
+                     dtype: Any = None) -> KVCache:
+        """A cache of ``batch`` rows that all begin with ``prefix_ids`` [p], run once: its
+        keys and values are copied into slots [0, p) of every row, ``index`` = p.
+
+        What follows (a left-padded prompt, then decoding) sees the prefix as real tokens at
+        positions 0..p-1 and its own tokens from position p on (positions count valid slots):
+        each row is computed as prefix + its own tokens. With a sliding window the padding
+        between the two would count as distance (the window is over slots): do not use it then.
+        """
+        p = prefix_ids.shape[-1]
+        _, one = self.hidden_states(prefix_ids.reshape(1, p), cache=self.init_cache(1, p, dtype))
+        cache = self.init_cache(batch, max_length, dtype)
+
+        def put(full: jax.Array, part: jax.Array) -> jax.Array:
+            return full.at[:, :p].set(jnp.broadcast_to(part, (batch, *part.shape[1:])))
+
+        return KVCache(tuple(map(put, cache.keys, one.keys)),
+                       tuple(map(put, cache.values, one.values)),
+                       cache.valid.at[:, :p].set(True), jnp.array(p, jnp.int32))
+
     # forward ------------------------------------------------------------------------------------
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None, cache: KVCache | None = None, *,

@@ -47,7 +47,8 @@ COUNTRIES: dict[str, tuple[str, ...]] = {
     "Netherlands": ("Dutch",), "New Zealand": ("New Zealand",), "Nicaragua": ("Nicaraguan",),
     "Niger": ("Nigerien",), "Nigeria": ("Nigerian",), "North Korea": ("North Korean",),
     "North Macedonia": ("Macedonian",), "Norway": ("Norwegian",), "Oman": ("Omani",),
-    "Pakistan": ("Pakistani",), "Panama": ("Panamanian",), "Papua New Guinea": ("Papua New Guinean",),
+    "Pakistan": ("Pakistani",), "Panama": ("Panamanian",),
+    "Papua New Guinea": ("Papua New Guinean",),
     "Paraguay": ("Paraguayan",), "Peru": ("Peruvian",), "Philippines": ("Filipino",),
     "Poland": ("Polish",), "Portugal": ("Portuguese",), "Qatar": ("Qatari",),
     "Romania": ("Romanian",), "Russia": ("Russian",), "Rwanda": ("Rwandan",),
@@ -86,9 +87,8 @@ OTHER_NATIONALITIES: tuple[str, ...] = (
     "Aragonese", "Frankish", "Saxon", "Anglo-Saxon", "Norman", "Viking", "Mongol", "Tibetan",
     "Kurdish", "Palestinian", "Puerto Rican", "Hong Kong", "Bohemian", "Austro-Hungarian",
     "Sumerian", "Akkadian", "Hittite", "Phoenician", "Aztec", "Inca", "Mayan", "Manchu",
-    "Korean", "Congolese", "Irish", "Quebecois", "Tamil", "Bengali", "Punjabi", "Arab",
-    "Hellenistic", "Gaulish", "Celtic", "Ancient Greek", "Ancient Roman", "Ancient Egyptian",
-    "Mughal", "Dominican", "Icelandic", "Ukrainian", "Cuban", "Soviet-born", "Azerbaijani",
+    "Korean", "Congolese", "Quebecois", "Tamil", "Bengali", "Punjabi", "Arab", "Gaulish",
+    "Ancient Greek", "Ancient Roman", "Ancient Egyptian", "Mughal",
 )
 
 NATIONALITIES: frozenset[str] = frozenset(

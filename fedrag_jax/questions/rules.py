@@ -444,9 +444,9 @@ def _countries_in(text: str) -> list[str]:
     Ireland" names no country of the list; "Guinea" in "Papua New Guinea" is not Guinea)."""
     out = []
     for m in _COUNTRY_RE.finditer(text):
-        before = text[:m.start(1)].rstrip().split(" ")[-1:] or [""]
-        if before[0][:1].isupper() and before[0] not in ("The",):
-            continue
+        before = text[:m.start(1)].split(" ")[-2:-1] or [""]  # the word just before, if any
+        if before[0][:1].isupper() and before[0][-1:].isalnum() and before[0] != "The":
+            continue  # "Northern Ireland"; but "Tokyo, Japan" names Japan
         if text[m.end(1):m.end(1) + 1] in ("-", "’", "'"):
             continue
         out.append(m.group(1))
@@ -754,10 +754,16 @@ _ABBREVIATED = re.compile(r"^(?:In [^,]{1,40}, )?(?:The |the |An? |an? )?([A-Za-
 
 def _abbreviates(abbr: str, expansion: str) -> bool:
     """"QED" abbreviates "quantum electrodynamics": its letters appear in order in the
-    expansion and its first letter starts one of the expansion's words."""
+    expansion and its first letter starts one of the expansion's words; or its letters are
+    the expansion's initials in another order ("UTC", "Coordinated Universal Time")."""
     words = re.findall(r"[A-Za-z][\w'’\-]*", expansion)
     letters = re.sub(r"[^A-Z]", "", abbr.upper())
-    if len(letters) < 2 or letters[0] not in {w[0].upper() for w in words}:
+    initials = [w[0].upper() for w in words]
+    if len(letters) < 2:
+        return False
+    if sorted(letters) == sorted(initials):
+        return True
+    if letters[0] not in initials:
         return False
     it = iter(re.sub(r"[^A-Z]", "", expansion.upper()))
     return all(ch in it for ch in letters)

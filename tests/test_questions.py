@@ -236,7 +236,7 @@ def test_bundled_corpus_kinds_and_splits():
     questions = generate_questions(corpus)
     counts = kind_counts(questions)
     assert set(counts) == set(KINDS)
-    assert counts["title"] > 7000 and counts["nationality"] > 1000
+    assert counts["title"] > 3000 and counts["nationality"] > 1000
     assert all(n >= 150 for n in counts.values()), counts
     splits = make_question_splits(corpus, num_train=None, num_dev=32, num_test=96, seed=0,
                                   questions=questions)

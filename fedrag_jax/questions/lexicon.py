@@ -67,6 +67,21 @@ COUNTRIES: dict[str, tuple[str, ...]] = {
     "Uzbekistan": ("Uzbek",), "Vanuatu": ("Vanuatuan",), "Venezuela": ("Venezuelan",),
     "Vietnam": ("Vietnamese",), "Yemen": ("Yemeni",), "Zambia": ("Zambian",),
     "Zimbabwe": ("Zimbabwean",),
+    # the small and island states too: a place "in Vatican City, ... Rome, Italy" must not
+    # be read as in Italy alone
+    "Vatican City": ("Vatican",), "Kosovo": ("Kosovar",), "Palau": ("Palauan",),
+    "Nauru": ("Nauruan",), "Kiribati": ("I-Kiribati",), "Tuvalu": ("Tuvaluan",),
+    "Marshall Islands": ("Marshallese",), "Micronesia": ("Micronesian",),
+    "Solomon Islands": ("Solomon Islander",), "Seychelles": ("Seychellois",),
+    "Comoros": ("Comorian",), "Cape Verde": ("Cape Verdean",),
+    "São Tomé and Príncipe": ("Santomean",), "Equatorial Guinea": ("Equatoguinean",),
+    "Guinea-Bissau": ("Bissau-Guinean",), "The Gambia": ("Gambian",),
+    "Central African Republic": ("Central African",), "Republic of the Congo": ("Congolese",),
+    "Democratic Republic of the Congo": ("Congolese",), "East Timor": ("Timorese",),
+    "Saint Lucia": ("Saint Lucian",), "Grenada": ("Grenadian",), "Dominica": ("Dominican",),
+    "Antigua and Barbuda": ("Antiguan",), "Saint Kitts and Nevis": ("Kittitian",),
+    "Saint Vincent and the Grenadines": ("Vincentian",), "The Bahamas": ("Bahamian",),
+    "Palestine": ("Palestinian",),
 }
 
 # other names a passage may use for a listed country (each is also an acceptable answer)
@@ -75,6 +90,8 @@ COUNTRY_ALIASES: dict[str, tuple[str, ...]] = {
     "United Kingdom": ("UK", "Great Britain", "Britain"),
     "Czech Republic": ("Czechia",), "Ivory Coast": ("Côte d'Ivoire",),
     "Myanmar": ("Burma",), "Eswatini": ("Swaziland",), "Turkey": ("Türkiye",),
+    "East Timor": ("Timor-Leste",), "Cape Verde": ("Cabo Verde",), "The Gambia": ("Gambia",),
+    "Democratic Republic of the Congo": ("DR Congo", "DRC"),
     "North Macedonia": ("Macedonia",), "Netherlands": ("Holland",),
 }
 

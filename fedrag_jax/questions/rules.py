@@ -131,7 +131,7 @@ _MONTH = (r"(?:January|February|March|April|May|June|July|August|September|Octob
           r"November|December)")
 _DATE = rf"(?:\d{{1,2}} {_MONTH} {_YEAR}|{_MONTH} \d{{1,2}}, {_YEAR}|{_MONTH} {_YEAR})"
 # a proper name: capitalised words, initials ("H. G."), lower-case particles inside
-_NAME_WORD = r"(?:[A-Z]\.|(?:St|Jr|Sr|Dr)\.|[A-Z][\w'’\-]*\w)"
+_NAME_WORD = r"(?:[A-Z]\.|(?:St|Jr|Sr|Dr)\.|[A-Z][\w'’\-]*\w|[IVX]+\b)"
 _PARTICLE = r"(?:de|da|di|del|della|van|von|der|den|du|la|le|y|al|bin|ibn|of|the)"
 NAME = rf"{_NAME_WORD}(?: (?:{_NAME_WORD}|{_PARTICLE}(?= [A-Z])))*"
 
@@ -187,9 +187,14 @@ def _subject_ends(a: Article, s: str, pronouns: tuple[str, ...] = ("It",)) -> li
     return sorted(set(ends), reverse=True)
 
 
-def _after_subject(a: Article, s: str, pattern: re.Pattern, pronouns: tuple[str, ...] = ("It",)):
-    """``pattern`` matched right after the subject at the start of ``s``, or None."""
+def _after_subject(a: Article, s: str, pattern: re.Pattern, pronouns: tuple[str, ...] = ("It",),
+                   not_subject: re.Pattern | None = None):
+    """``pattern`` matched right after the subject at the start of ``s``, or None.
+    ``not_subject``: words that, in the subject ("The wider urban area"), name another
+    thing than the article's subject."""
     for end in _subject_ends(a, s, pronouns):
+        if not_subject is not None and not_subject.search(s[:end]):
+            continue
         m = pattern.match(s, end)
         if m:
             return m
@@ -205,13 +210,39 @@ def _lead(a: Article, n: int = 3) -> list[str]:
 
 
 # --- kind: title (needs the description metadata) -------------------------------------------
+def _specific(description: str) -> bool:
+    """A description that picks out one article: it holds a date or number ("1862 novel by
+    Victor Hugo", "Chemical element with atomic number 26 (Fe)", "(1711–1776)"), names a
+    capital ("Capital of Tamil Nadu, India") or is long (eight words or more). Short ones
+    name a class, not a member ("Species of butterfly", "Island country in the
+    Mediterranean Sea", "Method for determining the age of objects"): reading 100 of the
+    template's questions found 23 ambiguous, nearly all of this kind (docs/questions.md)."""
+    words = description.split()
+    return bool(re.search(r"\d", description)) or len(words) >= 8 or \
+        description.lower().startswith("capital")
+
+
+def _title_question(description: str, topic: str) -> str:
+    """qa_data's template, but "Who" only for a person (the topic, or a lifespan and an
+    occupation in the description): its year rule alone made "Who is the period of European
+    thought (1355–1650)?"."""
+    q = question_for(description, topic)
+    lifespan = re.search(r"\((?:c\. ?)?\d{3,4}\s*[–-]|\(born \d{4}", description)
+    person = topic == "People" or bool(lifespan) and any(
+        w.strip(",;()").lower() in PERSON_NOUNS for w in description.split())
+    wh = "Who" if person else "What"
+    return wh + q[q.index(" "):]
+
+
 def rule_title(a: Article) -> list[Candidate]:
     """"What is the <description>?" -> the title (the demo's template; qa_data.py)."""
     d, title = a.description, a.title
     if not d or not title or len(d.split()) < 3 or title.lower() in d.lower():
         return []
+    if not _specific(d):
+        return []
     answers = (answer_for(title),) + ((title,) if answer_for(title) != title else ())
-    return [Candidate("title", "description", question_for(d, a.topic), answers,
+    return [Candidate("title", "description", _title_question(d, a.topic), answers,
                       a.sentences[0] if a.sentences else "")]
 
 
@@ -219,6 +250,9 @@ def rule_title(a: Article) -> list[Candidate]:
 _NAT_MAX_WORDS = 3
 _PERSON_PRONOUN = re.compile(r"\b(?:He|She|His|Her|he|she|his|her)\b")
 _WAS_A = re.compile(r" (was|is) (?:an?|the) ")
+_PRE_NATIONALITY = frozenset("former ancient renowned famous prominent celebrated legendary "
+                             "leading retired medieval early influential noted late "
+                             "contemporary classical eminent".split())
 
 
 def _nationality_at(words: list[str], i: int) -> tuple[str, int] | None:
@@ -240,8 +274,8 @@ def rule_nationality(a: Article) -> list[Candidate]:
     verb = m.group(1)
     words = re.sub(r"[,;]", lambda x: f" {x.group(0)} ", s[m.end():]).split()
     i = 0
-    while i < 2 and i < len(words) and words[i].islower() and words[i].isalpha():
-        i += 1  # "a former", "an ancient"
+    while i < 2 and i < len(words) and words[i] in _PRE_NATIONALITY:
+        i += 1  # "a former", "an ancient"; never "a novel by English author ..."
     found: list[str] = []
     while i < len(words):
         hit = _nationality_at(words, i)
@@ -565,7 +599,8 @@ def rule_headquarters(a: Article) -> list[Candidate]:
 # --- kind: number -----------------------------------------------------------------------------
 _NOT_THE_SUBJECT = re.compile(r"\b(?:metropolitan|metro|urban|agglomeration|greater|county|"
                               r"district|province|region|combined|wider|municipality|state|"
-                              r"prefecture|conurbation|city proper|island|department)\b", re.I)
+                              r"prefecture|conurbation|city proper|island|department|basin|"
+                              r"watershed|catchment|drainage|surrounding|suburbs?)\b", re.I)
 _POPULATION_FIGURE = (rf"(?:(?:has|had|with) a(?:n estimated| total)? population of|"
                       rf"(?:has|had) an estimated population of|population (?:was|is)) "
                       rf"{_QUALIFIER}({_NUMBER})(?!\d|,\d)")
@@ -579,7 +614,8 @@ def rule_population(a: Article) -> list[Candidate]:
     for s in _lead(a, 4):
         if "population" not in s:
             continue
-        m = _ITS_POPULATION.match(s) or _after_subject(a, s, _POPULATION)
+        m = _ITS_POPULATION.match(s) or _after_subject(a, s, _POPULATION,
+                                                      not_subject=_NOT_THE_SUBJECT)
         if not m or ("mid" in m.re.groupindex and _NOT_THE_SUBJECT.search(m.group("mid"))):
             continue
         return [Candidate("number", "population", f"What is the population of {a.phrase}?",
@@ -616,12 +652,13 @@ def rule_area(a: Article) -> list[Candidate]:
     for s in _lead(a, 5):
         if "area of" not in s:
             continue
-        m = _after_subject(a, s, _AREA)
+        m = _after_subject(a, s, _AREA, not_subject=_NOT_THE_SUBJECT)
         if m and _NOT_THE_SUBJECT.search(m.group("mid")):
             m = None
         if m is None:
             m = _AREA_FIRST.match(s)
-            if m and not _after_subject(a, s[m.end():], _THEN_VERB):
+            if m and not _after_subject(a, s[m.end():], _THEN_VERB,
+                                        not_subject=_NOT_THE_SUBJECT):
                 m = None
         if m:
             # the figures and their units in the order the sentence gives them
@@ -867,6 +904,8 @@ def _who_after_by(tail: str, max_skip: int = 6) -> tuple[str, ...]:
             adjective = follower is not None and follower.group(1) in PERSON_NOUNS
             if not adjective and m.group(1) not in NATIONALITIES and \
                     m.group(1).split()[0] not in _NOT_NAMES:
+                if rest[m.end():].startswith((' "', " (", " “")):
+                    return ()  # 'James "Bud" Walton': the name goes on past the quote
                 return _who(m.group(1))
         word = re.match(r"(\S+) ", rest)
         if not word or word.group(1) in _PREPOSITIONS or not _SKIPPABLE.match(word.group(1)):
@@ -936,6 +975,9 @@ def rule_taxon(a: Article) -> list[Candidate]:
         m = pattern.search(s)
         if not m or m.group(1) == a.subject or not m.group(1).endswith(_RANK_SUFFIX[rank]):
             continue
+        if re.search(r"\b(?:caused by|which|that|whose|related to|infects?|parasite of)\b",
+                     s[:m.start()]):
+            continue  # the rank is another organism's
         plural = a.phrase[-1:] == "s" and not a.phrase.endswith("ss") and " are " in s[:80]
         verb = "do" if plural else "does"
         return [Candidate("taxon", f"taxon_{rank}", f"To which {rank} {verb} {a.phrase} belong?",

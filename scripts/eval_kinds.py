@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with retriever/, context_retriever/ (optional), generator/")
     p.add_argument("--variants", nargs="+", default=["lsr", "tuned"],
                    choices=["lsr", "tuned"], help="systems compared with untuned")
+    p.add_argument("--retrieval-only", nargs="*", default=[], choices=["lsr", "tuned"],
+                   help="variants scored on retrieval only (no generated answers: cheaper)")
     p.add_argument("--corpus", default="bundled")
     p.add_argument("--kinds", nargs="+", default=None, help="question kinds (default: all)")
     p.add_argument("--num-test", type=int, default=256, help="test questions per kind")
@@ -292,16 +294,18 @@ def run(args, test: list[dict], info: dict, systems: dict[str, Any],
     for name, rag in systems.items():
         cached = out / f"{name}.jsonl"
         meta = out / f"{name}.settings.json"
+        answers_here = name not in getattr(args, "retrieval_only", [])
+        mine = {**settings, "answered": answers_here}
         if args.reuse and cached.is_file() and meta.is_file() and \
-                json.loads(meta.read_text()) == settings:
+                json.loads(meta.read_text()) == mine:
             per_system[name] = [json.loads(line) for line in cached.read_text().splitlines()]
             print(f"{name}: reused {cached}", flush=True)
             continue
-        rows = evaluate(rag, test, answered, args, name)
+        rows = evaluate(rag, test, answered if answers_here else set(), args, name)
         tmp = cached.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         os.replace(tmp, cached)
-        meta.write_text(json.dumps(settings, indent=2))
+        meta.write_text(json.dumps(mine, indent=2))
         per_system[name] = rows
         t = rows[0]["_timing"]
         print(f"{name}: retrieval {t['retrieval_s']:.1f} s for {len(rows)} questions, "

@@ -17,7 +17,9 @@ questions:
   every metric makes the columns comparable.
 
 ``compare`` runs this per question kind and metric on two per-question tables and flags
-the kinds that got significantly worse (p < alpha and change < 0), never averaging them away.
+harm when p < alpha and either the mean change is negative or more questions got worse
+than better (many small losses are not hidden by a few large gains); gain only when p <
+alpha, the change is positive and more questions got better.
 """
 
 from __future__ import annotations
@@ -126,7 +128,15 @@ def paired_compare(a: Sequence[float], b: Sequence[float], *, kind: str = "all",
     low, high = paired_bootstrap_ci(x, y, num_resamples=num_resamples, seed=seed,
                                     indices=indices)
     change = float(d.mean())
-    flag = HARM if p < alpha and change < 0 else GAIN if p < alpha and change > 0 else ""
+    # harm: the mean fell, or significantly more questions got worse (a few large gains
+    # must not hide many losses); gain only when both say better
+    significant = p < alpha
+    if significant and (change < 0 or worse > better):
+        flag = HARM
+    elif significant and change > 0 and better > worse:
+        flag = GAIN
+    else:
+        flag = ""
     return PairedResult(kind, metric, int(x.size), float(x.mean()), float(y.mean()), change,
                         low, high, better, worse, p, "mcnemar" if binary else "sign", flag)
 
@@ -222,7 +232,8 @@ def format_markdown(results: Sequence[PairedResult], *, title: str | None = None
                      f"| {_p(r.p)} | {mark} |")
     lines += ["", "change = tuned - untuned, mean over questions; 95% CI: percentile paired "
               "bootstrap over questions; p: exact two-sided sign test on the questions that "
-              "changed (McNemar's exact test for 0/1 metrics)."]
+              "changed (McNemar's exact test for 0/1 metrics); WORSE: p < 0.05 and the mean "
+              "fell or more questions got worse than better."]
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """Draw the seeded per-kind sample of generated questions that is checked by reading, and
 score the reader's verdicts (docs/questions.md describes the method).
 
-    python scripts/question_sample.py draw  --out docs/questions_sample.jsonl   # 50 per kind
-    python scripts/question_sample.py score --sample docs/questions_sample.jsonl
+    python scripts/question_sample.py draw  --out docs/questions_sample_v1.jsonl  # 50 per kind
+    python scripts/question_sample.py score --sample docs/questions_sample_v1.jsonl
 
 ``draw`` writes one line per question: {n, kind, rule, query, answers, title, gold_id,
 evidence, ok: null, why: ""}; the reader sets ``ok`` (true: well-formed, answer correct and
@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("draw")
-    d.add_argument("--out", default="docs/questions_sample.jsonl")
+    d.add_argument("--out", default="docs/questions_sample_new.jsonl")
     d.add_argument("--corpus", default="bundled")
     d.add_argument("--per-kind", type=int, default=50)
     d.add_argument("--seed", type=int, default=17)
     d.add_argument("--kinds", nargs="+", default=None, help="only these kinds")
     d.add_argument("--force", action="store_true")
     s = sub.add_parser("score")
-    s.add_argument("--sample", default="docs/questions_sample.jsonl")
+    s.add_argument("--sample", default="docs/questions_sample_v1.jsonl")
     args = p.parse_args(argv)
     if args.cmd == "draw":
         draw(args)

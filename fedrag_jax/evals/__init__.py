@@ -22,6 +22,9 @@ from .benchmarks import (
     load_trivia_qa,
 )
 from .metrics import (
+    answer_contained,
+    answer_in_passages,
+    answer_recall_at_k,
     answer_to_choice,
     choice_letter,
     exact_match,
@@ -41,6 +44,9 @@ __all__ = [
     "Benchmarker",
     "ExampleResult",
     "RunningMean",
+    "answer_contained",
+    "answer_in_passages",
+    "answer_recall_at_k",
     "answer_to_choice",
     "choice_letter",
     "default_prompt",

@@ -1,4 +1,5 @@
-"""Answer and retrieval metrics: SQuAD-style EM / token F1, recall@k, MRR, MC accuracy.
+"""Answer and retrieval metrics: SQuAD-style EM / token F1, answer contained, recall@k, MRR,
+answer recall of retrieved passages, MC accuracy.
 
 Pure functions on strings and id lists; nothing here knows about models or datasets.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -59,6 +61,88 @@ def token_f1(prediction: str, golds: str | Sequence[str]) -> float:
     """Bag-of-tokens F1 between the normalized prediction and the best-matching gold answer."""
     pred_tokens = normalize_answer(prediction).split()
     return max(_f1_one(pred_tokens, normalize_answer(g).split()) for g in _gold_list(golds))
+
+
+# --- answer contained ------------------------------------------------------------------------
+class _PunctuationTable(dict):
+    """A ``str.translate`` table mapping every Unicode punctuation character (category P*,
+    and ASCII's string.punctuation) to ``replacement``, filled in as characters are met."""
+
+    def __init__(self, replacement: str | None):
+        super().__init__()
+        self.replacement = replacement
+
+    def __missing__(self, code: int):
+        ch = chr(code)
+        value = self.replacement if (unicodedata.category(ch).startswith("P")
+                                     or ch in _PUNCTUATION) else code
+        self[code] = value
+        return value
+
+
+_DELETE_PUNCT, _SPACE_PUNCT = _PunctuationTable(None), _PunctuationTable(" ")
+
+
+def _contain_views(s: str) -> tuple[str, str]:
+    """Two SQuAD-style normalisations of ``s`` (lower case, no articles, single spaces), one
+    deleting punctuation ("1,000" -> "1000") and one replacing it by a space ("1711–1776" ->
+    "1711 1776", "Paris-based" -> "paris based"). Unlike :func:`normalize_answer` both treat
+    every Unicode punctuation mark (dashes, curly quotes) as punctuation."""
+    s = s.lower()
+    return tuple(" ".join(_ARTICLES.sub(" ", s.translate(table)).split())
+                 for table in (_DELETE_PUNCT, _SPACE_PUNCT))
+
+
+def _usable_golds(golds: str | Sequence[str]) -> list[tuple[str, str]]:
+    if isinstance(golds, str):
+        golds = [golds]
+    views = [_contain_views(g) for g in golds]
+    kept = [v for v in views if v[0] or v[1]]
+    if not kept:
+        raise DataError(f"no gold answer left after normalisation in {list(golds)!r}; "
+                        "answer_contained needs at least one non-empty gold answer")
+    return kept
+
+
+def _contains(haystack: tuple[str, str], gold: tuple[str, str]) -> bool:
+    # on token boundaries: "1" is not found in "1990", "art" not in "party"
+    return any(g and f" {g} " in f" {h} " for h, g in zip(haystack, gold, strict=True))
+
+
+def answer_contained(text: str, golds: str | Sequence[str]) -> float:
+    """1.0 if any normalised gold answer appears in the normalised ``text`` as a whole run of
+    tokens, else 0.0: robust to answer format ("It was founded in 1850." contains "1850").
+
+    Normalisation is SQuAD's (lower case, articles removed, whitespace collapsed) with
+    punctuation handled both ways (deleted, and replaced by a space; a match in either
+    counts), so "1,000" matches "1000" and "1711–1776" contains "1711". Golds that normalise
+    to nothing are ignored; if none is left, :class:`DataError`.
+    """
+    views = _contain_views(text)
+    return float(any(_contains(views, g) for g in _usable_golds(golds)))
+
+
+def answer_in_passages(passages: Sequence[str], golds: str | Sequence[str],
+                       k: int | None = None) -> float:
+    """1.0 if any gold answer is contained (as in :func:`answer_contained`) in any of the
+    top-``k`` passages (None: all), else 0.0: retrieval quality where several passages can
+    hold the answer."""
+    _check_k(k)
+    gold_views = _usable_golds(golds)
+    for passage in passages if k is None else passages[:k]:
+        views = _contain_views(passage)
+        if any(_contains(views, g) for g in gold_views):
+            return 1.0
+    return 0.0
+
+
+def answer_recall_at_k(passages: Sequence[Sequence[str]], golds: Sequence[str | Sequence[str]],
+                       k: int | None = None) -> float:
+    """Mean over queries of :func:`answer_in_passages` of their top-``k`` passage texts."""
+    _check_k(k)
+    _check_pairs(passages, golds)
+    return sum(answer_in_passages(p, g, k) for p, g in zip(passages, golds, strict=True)) \
+        / len(passages)
 
 
 # --- retrieval -----------------------------------------------------------------------------

@@ -84,3 +84,23 @@ class SiloDataError(DataError):
 
 class PayloadError(FedRAGJaxError, ValueError):
     """A federated parameter payload failed validation (structure, shape, dtype, non-finite)."""
+
+
+# --- paths and outputs ---------------------------------------------------------------------
+class OutputExistsError(FedRAGJaxError, FileExistsError):
+    """An output folder exists and is not an earlier output of the same kind that fedrag-jax
+    wrote (or holds files it did not write): replacing it would delete them."""
+
+
+class UnsupportedPathError(FedRAGJaxError, ValueError):
+    """A path's scheme is not served (only local paths and gs://), or a remote path was given
+    where only a local one works."""
+
+
+class FilesystemNotInstalledError(FedRAGJaxError, ModuleNotFoundError):
+    """An object-store path (gs://) was given but the filesystem that serves it is not
+    installed (the message names the extra)."""
+
+
+class RemotePathNotFoundError(FedRAGJaxError, FileNotFoundError):
+    """An object-store input (gs://...) does not exist."""

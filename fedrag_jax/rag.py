@@ -21,6 +21,7 @@ from .errors import CheckpointNotFoundError
 from .generator import Generator
 from .knowledge_store import KnowledgeStore, load_store
 from .outputs import is_remote, out_path, staged_directory
+from .paths import local_copy
 from .retriever import DualEncoder
 from .types import RAGConfig, RAGResponse, SourceNode
 
@@ -93,7 +94,7 @@ class RAGSystem:
         """Write the whole system atomically (a local folder, or objects under gs://...);
         the store is persisted as it is. Returns the folder (an epath.Path for gs://)."""
         r = self.retriever
-        with staged_directory(out_dir) as tmp:
+        with staged_directory(out_dir, kind="rag-system") as tmp:
             r.query_encoder.save_pretrained(tmp / "retriever", tokenizer=r.tokenizer)
             if r.context_encoder is not None:
                 r.context_encoder.save_pretrained(tmp / "context_retriever",
@@ -112,7 +113,7 @@ class RAGSystem:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
                         mesh=None) -> RAGSystem:
-        path = Path(path)
+        path = local_copy(path, "saved RAG system")  # local, or gs:// fetched once
         cfg_file = path / "rag_config.json"
         if not cfg_file.is_file():
             raise CheckpointNotFoundError(f"{path} is not a saved RAGSystem (no rag_config.json)")
@@ -133,6 +134,10 @@ class RAGSystem:
                    context_retriever: str | os.PathLike | None = None, dtype: str | None = None,
                    mesh=None, **kwargs) -> RAGSystem:
         """Build from a retriever folder, a generator folder or GGUF, and a saved store."""
+        retriever, generator = local_copy(retriever, "retriever"), local_copy(generator,
+                                                                           "generator")
+        if context_retriever is not None:
+            context_retriever = local_copy(context_retriever, "context retriever")
         return cls(DualEncoder.from_pretrained(retriever, context_retriever, dtype=dtype,
                                                mesh=mesh),
                    load_store(store),

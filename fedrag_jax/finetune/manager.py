@@ -31,6 +31,7 @@ from ..generator import Generator
 from ..indexing import build_store, load_corpus, reencode_store
 from ..knowledge_store import KnowledgeStore, load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
+from ..paths import local_copy
 from ..qa_data import make_qa_pairs
 from ..rag import RAGSystem
 from ..retriever import DualEncoder
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def _path(value: str, which: str) -> str:
     if value != "bundled":
-        return value
+        return str(local_copy(value, f"model.{which}"))  # local, or gs:// fetched once
     return str(assets.retriever_path() if which == "retriever" else assets.generator_path())
 
 
@@ -79,7 +80,7 @@ def build_rag_system(config: Config, mesh=None,
     if store is not None:
         pass
     elif config.data.index:
-        store = load_store(Path(config.data.index) / "store")
+        store = load_store(local_copy(config.data.index, "data.index") / "store")
     else:
         store = build_store(corpus, retriever, backend=r.backend, progress=config.progress)
     rag = RAGSystem(retriever, store, generator,

@@ -273,9 +273,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .outputs import check_output
     from .paths import require_local
 
     out = require_local(args.out, "demo --out")
+    for name in ("retriever", "context_retriever", "generator"):  # before minutes of work
+        check_output(out / "export" / name, "hf-model")
     run_demo(preset=args.preset, out_dir=out, overrides=args.overrides)
     print((Path(args.out) / "summary.md").read_text())
     print(f"report written to {Path(args.out).absolute()}")

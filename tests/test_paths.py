@@ -219,8 +219,13 @@ def test_gs_paths_work_for_every_input_and_output(files, rag, fake_gcs, tmp_path
     config = load_config("gs://bucket/cfg.yaml")
     built, corpus = build_rag_system(config)
     assert built.store.count == len(corpus) == 10
-    # the deployed ServerApp's checkpoints stay on the bucket
+    # the deployed ServerApp: its run config, its checkpoints and a silo's files on gs://
+    assert app.config_from_run_config({"config-path": "gs://bucket/cfg.yaml"}) == config
     assert app.checkpoint_dir(config, "lsr") == "gs://bucket/fed/federated_lsr/checkpoints"
+    silo = app.silo_files({"data-path": "gs://bucket/in/train.jsonl",
+                           "store-path": "gs://bucket/idx/store"})
+    assert silo["data-path"].read_text() == files["train"].read_text()
+    assert (silo["store-path"] / "manifest.json").is_file()
 
     # RAGSystem save / load, evaluate --rag, export: all on gs://
     rag.save_pretrained("gs://bucket/run/rag")

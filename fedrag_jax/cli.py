@@ -133,13 +133,28 @@ def setup_logging(level: str = "info") -> None:
         # transformers' "PyTorch was not found" advice: the runtime never needs torch models
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logger = logging.getLogger("fedrag_jax")
-    if not any(getattr(h, "_fedrag_jax", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                                "%H:%M:%S"))
-        handler._fedrag_jax = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(getattr(logging, level.upper()))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (as logging's last-resort handler
+    does), not the stream that was current when the handler was made."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _secondary_hosts_quiet() -> None:

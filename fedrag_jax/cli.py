@@ -138,6 +138,9 @@ def setup_logging(level: str = "info") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                                "%H:%M:%S"))
         logger.addHandler(handler)
+    # our handler prints them: a root handler some library installs (basicConfig) must not
+    # print every line a second time
+    logger.propagate = False
     logger.setLevel(getattr(logging, level.upper()))
 
 

@@ -75,8 +75,13 @@ def test_log_level_is_separate_from_progress(capfd):
         err = capfd.readouterr().err
         assert "hidden" not in err and "still shown" in err
         assert len(logging.getLogger("fedrag_jax").handlers) == 1  # one handler, reused
+        logging.basicConfig(force=True)  # a library's root handler: no second copy of a line
+        logger.warning("once")
+        assert capfd.readouterr().err.count("once") == 1
     finally:
         logging.getLogger("fedrag_jax").setLevel(logging.NOTSET)
+        logging.getLogger("fedrag_jax").propagate = True
+        logging.basicConfig(handlers=[], force=True)
 
 
 def test_cli_log_level_flags(capsys):

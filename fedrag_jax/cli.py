@@ -1,15 +1,25 @@
-"""The ``fedrag-jax`` command. Each subcommand imports what it needs when it runs."""
+"""The ``fedrag-jax`` command. Each subcommand imports what it needs when it runs.
+
+Every path argument goes through :mod:`fedrag_jax.paths` (local or gs://). Log lines
+(``--log-level``; warnings such as resumes and fallbacks included) are separate from progress
+(a bar on a terminal, a line every few seconds otherwise: :mod:`fedrag_jax.progress`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .errors import FedRAGJaxError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _detect_kind(src: Path) -> str:
@@ -39,8 +49,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .models.bert import Encoder
     from .models.hf import load_tokenizer
     from .models.llama import CausalLM
+    from .outputs import check_output
+    from .paths import local_copy
 
-    src = Path(args.src)
+    check_output(args.dst, "hf-model")  # refuse a user's folder before the long load
+    src = local_copy(args.src, "model")
     kind = args.kind if args.kind != "auto" else _detect_kind(src)
     start = time.perf_counter()
     cls = CausalLM if kind == "causal-lm" else Encoder
@@ -80,10 +93,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer a question with retrieve-then-generate over a built index."""
+    from .paths import local_copy
     from .rag import RAGSystem
     from .types import RAGConfig
 
-    index = Path(args.index)
+    index = local_copy(args.index, "index folder")  # local, or gs:// fetched once
     info_file = index / "index.json"
     if not info_file.is_file():
         from .errors import CheckpointNotFoundError
@@ -112,28 +126,59 @@ def _start_distributed(config) -> None:
         jax.distributed.initialize()
 
 
-def _console_logging(config) -> None:
-    """fedrag_jax's INFO lines (federated rounds, resumes) on stderr, on the first host only;
-    the trainers draw their own progress bars."""
-    import logging
+def setup_logging(level: str = "info") -> None:
+    """fedrag_jax's log lines (federated rounds, resumes, fallbacks) on stderr at ``level``,
+    whether or not progress bars are on. Third-party advisory banners stay quiet unless
+    ``level`` is debug."""
+    if level != "debug":
+        # transformers' "PyTorch was not found" advice: the runtime never needs torch models
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logger = logging.getLogger("fedrag_jax")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%H:%M:%S"))
+        logger.addHandler(handler)
+    # our handler prints them: a root handler some library installs (basicConfig) must not
+    # print every line a second time
+    logger.propagate = False
+    logger.setLevel(getattr(logging, level.upper()))
 
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (as logging's last-resort handler
+    does), not the stream that was current when the handler was made."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _secondary_hosts_quiet() -> None:
+    """After jax.distributed: hosts other than the first log warnings and errors only."""
     import jax
 
-    logger = logging.getLogger("fedrag_jax")
-    if not config.progress or jax.process_index() != 0 or logger.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    if jax.process_index() != 0:
+        logger = logging.getLogger("fedrag_jax")
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
 
 
 def _run_training(config) -> int:
     """Train as ``config`` says (centralized or federated), save the tuned system, report."""
     _start_distributed(config)
-    _console_logging(config)
+    _secondary_hosts_quiet()
     from .finetune.manager import FinetuneManager
+    from .outputs import check_output, out_path
 
+    # the tuned system goes to output_dir/rag at the end: refuse a foreign folder now
+    check_output(out_path(config.output_dir) / "rag", "rag-system")
     manager = FinetuneManager.from_config(config)
     results = manager.train()
     saved = manager.save_system()
@@ -184,20 +229,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.rag is None:
         config = load_config(args.config, args.overrides)
         _start_distributed(config)
+        _secondary_hosts_quiet()
 
     if args.benchmark is not None:
         name = args.benchmark
         kwargs = {"split": args.split} if args.split else {}
-        examples = load_benchmark(name, data_files=args.data_files, limit=args.limit, **kwargs)
+        from .paths import local_copy
+
+        files = [str(local_copy(f, "--data-files file")) for f in args.data_files]
+        examples = load_benchmark(name, data_files=files, limit=args.limit, **kwargs)
     else:
-        name = Path(args.data).stem
+        name = Path(str(args.data).rstrip("/").rsplit("/", 1)[-1]).stem
         examples = load_qa_jsonl(args.data, limit=args.limit)
 
     if args.rag is not None:
         from .rag import RAGSystem
 
-        rag = RAGSystem.from_pretrained(args.rag, allow_foreign_store=args.allow_foreign_store)
-        default_out = Path(args.rag).absolute().parent / "eval" / name
+        rag = RAGSystem.from_pretrained(args.rag,  # local or gs://
+                                        allow_foreign_store=args.allow_foreign_store)
+        default_out = out_path(str(args.rag).rstrip("/")).parent / "eval" / name
     else:
         from .finetune.manager import build_rag_system
         from .sharding import make_mesh
@@ -224,23 +274,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Tuned retriever -> sentence-transformers folder(s); generator -> HF causal LM folder."""
+    from .outputs import check_output, staged_directory
     from .rag import RAGSystem
 
-    system = RAGSystem.from_pretrained(args.system)
-    out = Path(args.out)
+    check_output(args.out, "export")  # refuse a user's folder before loading the system
+    system = RAGSystem.from_pretrained(args.system)  # local or gs://
     r = system.retriever
-    r.query_encoder.save_pretrained(out / "retriever", tokenizer=r.tokenizer)
-    if r.context_encoder is not None:
-        r.context_encoder.save_pretrained(out / "context_retriever", tokenizer=r.tokenizer)
-    system.generator.model.save_pretrained(out / "generator", tokenizer=system.generator.tokenizer)
-    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+    with staged_directory(args.out, kind="export") as out:  # local or gs://, atomically
+        r.query_encoder.save_pretrained(out / "retriever", tokenizer=r.tokenizer)
+        if r.context_encoder is not None:
+            r.context_encoder.save_pretrained(out / "context_retriever", tokenizer=r.tokenizer)
+        system.generator.model.save_pretrained(out / "generator",
+                                               tokenizer=system.generator.tokenizer)
+        names = sorted(p.name for p in out.iterdir())
+    print(f"wrote {', '.join(names)} to {args.out}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .outputs import check_output
+    from .paths import require_local
 
-    run_demo(preset=args.preset, out_dir=Path(args.out), overrides=args.overrides)
+    out = require_local(args.out, "demo --out")
+    for name in ("retriever", "context_retriever", "generator"):  # before minutes of work
+        check_output(out / "export" / name, "hf-model")
+    run_demo(preset=args.preset, out_dir=out, overrides=args.overrides)
     print((Path(args.out) / "summary.md").read_text())
     print(f"report written to {Path(args.out).absolute()}")
     return 0
@@ -251,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedrag-jax",
         description="Fine-tune retrieval-augmented generation systems in JAX, centrally or "
                     "federated.")
+    parser.add_argument("--version", action="version", version=f"fedrag-jax {__version__}")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                        help="log lines on stderr (resumes, fallbacks, federated rounds); "
+                             "separate from progress bars (default: info)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="--log-level debug")
+    parser.add_argument("-q", "--quiet", action="store_true", help="--log-level warning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="GGUF or HF folder -> HF folder",
@@ -357,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if sum((args.log_level is not None, args.verbose, args.quiet)) > 1:
+        parser.error("give one of --log-level, -v and -q")
+    setup_logging(args.log_level or ("debug" if args.verbose else
+                                     "warning" if args.quiet else "info"))
     try:
         return args.func(args)
     except FedRAGJaxError as e:

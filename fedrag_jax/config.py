@@ -306,7 +306,9 @@ def load_config(path: str | os.PathLike | None = None,
     """A :class:`Config` from a YAML file (optional) and ``key=value`` overrides."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
+        from .paths import local_copy
+
+        p = Path(local_copy(path, "config file"))  # local, or gs:// fetched once
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:

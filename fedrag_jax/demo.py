@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import Config, config_from_dict
 from .finetune.manager import FinetuneManager, build_rag_system, load_train_eval_records
+from .paths import require_local
 from .sharding import make_mesh
 
 # Settings of the two presets (any key of fedrag_jax/config.py can be overridden on top).
@@ -63,8 +64,9 @@ def demo_config(preset: str = "quick", overrides: list[str] | None = None,
 
 def run_demo(preset: str = "quick", out_dir: str | Path = "reports/demo",
              overrides: list[str] | None = None) -> dict[str, Any]:
-    out = Path(out_dir)
+    out = require_local(out_dir, "the demo's report folder")  # its report reads local files
     config = demo_config(preset, overrides, str(out))
+    require_local(config.output_dir, "the demo's output_dir")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     mesh = make_mesh(vars(config.mesh))

@@ -101,3 +101,23 @@ class StoreFingerprintError(KnowledgeStoreError):
     """A knowledge store's embeddings were made by another retriever than the one in use
     (its ``embedding_model_hash`` differs): searching it would rank passages by meaningless
     scores."""
+
+
+# --- paths and outputs ---------------------------------------------------------------------
+class OutputExistsError(FedRAGJaxError, FileExistsError):
+    """An output folder exists and is not an earlier output of the same kind that fedrag-jax
+    wrote (or holds files it did not write): replacing it would delete them."""
+
+
+class UnsupportedPathError(FedRAGJaxError, ValueError):
+    """A path's scheme is not served (only local paths and gs://), or a remote path was given
+    where only a local one works."""
+
+
+class FilesystemNotInstalledError(FedRAGJaxError, ModuleNotFoundError):
+    """An object-store path (gs://) was given but the filesystem that serves it is not
+    installed (the message names the extra)."""
+
+
+class RemotePathNotFoundError(FedRAGJaxError, FileNotFoundError):
+    """An object-store input (gs://...) does not exist."""

@@ -12,13 +12,14 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from . import assets
 from .errors import DataError, StoreFingerprintError
 from .jsonl import read_jsonl
 from .knowledge_store import KnowledgeStore, default_store
+from .outputs import staged_directory
+from .paths import local_copy
 from .retriever import DualEncoder
 from .types import KnowledgeNode
 
@@ -30,6 +31,17 @@ def passage_text(entry: dict) -> str:
     return f"{title}: {entry['text']}" if title else entry["text"]
 
 
+def _metadata(value: Any, where: str) -> dict:
+    """A record's metadata: a JSON object (dict), or nothing."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: 'metadata' must be a JSON object such as "
+                        f'{{"source": "..."}}, not a {type(value).__name__} ({value!r:.60}); '
+                        "wrap the value in an object or drop the field")
+    return value
+
+
 def load_corpus(source: str | os.PathLike | Sequence[dict] = "bundled",
                 limit: int | None = None) -> list[dict]:
     """Records {id, title, text, metadata}; the bundled corpus keeps its topic as metadata."""
@@ -39,19 +51,22 @@ def load_corpus(source: str | os.PathLike | Sequence[dict] = "bundled",
                               "description": e.get("description", "")}}
                 for i, e in enumerate(assets.load_corpus())]
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = local_copy(source, "corpus file")  # local, or gs:// fetched once
         if not path.is_file():
-            raise DataError(f"corpus file {path} does not exist; pass 'bundled' or a JSONL file")
+            raise DataError(f"corpus file {source} does not exist; pass 'bundled' or a JSONL "
+                            "file")
         rows = []
         for n, r in read_jsonl(path):
             if not isinstance(r.get("text"), str):
-                raise DataError(f"{path}:{n}: every record needs a string 'text'")
+                raise DataError(f"{source}:{n}: every record needs a string 'text'")
             rows.append({"id": str(r.get("id", f"doc-{n}")), "title": r.get("title"),
-                         "text": r["text"], "metadata": r.get("metadata", {})})
+                         "text": r["text"],
+                         "metadata": _metadata(r.get("metadata"), f"{source}:{n}")})
     else:
         rows = [dict(r) for r in source]
         for i, r in enumerate(rows):
             r.setdefault("id", f"doc-{i}")
+            r["metadata"] = _metadata(r.get("metadata"), f"corpus record {i}")
     rows = [r for r in rows if r["text"].strip()]
     if not rows:
         raise DataError("the corpus has no non-empty passages")
@@ -113,10 +128,10 @@ def build_store(corpus: Sequence[dict], retriever: DualEncoder, *, backend: str 
 def build_index(corpus: Sequence[dict], retriever: DualEncoder, out_dir: str | os.PathLike, *,
                 retriever_path: str, generator_path: str, backend: str = "auto",
                 progress: bool = True) -> KnowledgeStore:
-    from .atomic import atomic_directory
-
-    store = build_store(corpus, retriever, backend=backend, progress=progress)
-    with atomic_directory(out_dir) as tmp:
+    """Encode ``corpus`` and write the index folder ``out_dir`` (local or gs://, atomically;
+    a folder that is not an earlier index is refused before any encoding)."""
+    with staged_directory(out_dir, kind="index") as tmp:
+        store = build_store(corpus, retriever, backend=backend, progress=progress)
         store.persist(tmp / "store")
         (tmp / "index.json").write_text(json.dumps(
             {"retriever": str(retriever_path), "generator": str(generator_path),

@@ -24,6 +24,7 @@ from .errors import CheckpointNotFoundError, DataError
 from .generator import Generator, fusion_log_weights
 from .knowledge_store import KnowledgeStore, load_store
 from .outputs import is_remote, out_path, staged_directory
+from .paths import local_copy
 from .retriever import DualEncoder
 from .types import RAGConfig, RAGResponse, SourceNode
 
@@ -127,7 +128,7 @@ class RAGSystem:
         """Write the whole system atomically (a local folder, or objects under gs://...);
         the store is persisted as it is. Returns the folder (an epath.Path for gs://)."""
         r = self.retriever
-        with staged_directory(out_dir) as tmp:
+        with staged_directory(out_dir, kind="rag-system") as tmp:
             r.query_encoder.save_pretrained(tmp / "retriever", tokenizer=r.tokenizer)
             if r.context_encoder is not None:
                 r.context_encoder.save_pretrained(tmp / "context_retriever",
@@ -146,10 +147,10 @@ class RAGSystem:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
                         mesh=None, allow_foreign_store: bool = False) -> RAGSystem:
-        """Load a saved system; its store must have been built by its retriever
-        (:class:`~fedrag_jax.errors.StoreFingerprintError` otherwise, unless
-        ``allow_foreign_store``)."""
-        path = Path(path)
+        """Load a saved system (local, or gs:// fetched once); its store must have been
+        built by its retriever (:class:`~fedrag_jax.errors.StoreFingerprintError` otherwise,
+        unless ``allow_foreign_store``)."""
+        path = local_copy(path, "saved RAG system")
         cfg_file = path / "rag_config.json"
         if not cfg_file.is_file():
             raise CheckpointNotFoundError(f"{path} is not a saved RAGSystem (no rag_config.json)")
@@ -171,7 +172,11 @@ class RAGSystem:
                    context_retriever: str | os.PathLike | None = None, dtype: str | None = None,
                    mesh=None, allow_foreign_store: bool = False, **kwargs) -> RAGSystem:
         """Build from a retriever folder, a generator folder or GGUF, and a saved store (which
-        that retriever must have built, unless ``allow_foreign_store``)."""
+        that retriever must have built, unless ``allow_foreign_store``); local or gs://."""
+        retriever, generator = local_copy(retriever, "retriever"), local_copy(generator,
+                                                                           "generator")
+        if context_retriever is not None:
+            context_retriever = local_copy(context_retriever, "context retriever")
         encoder = DualEncoder.from_pretrained(retriever, context_retriever, dtype=dtype,
                                               mesh=mesh)
         return cls(encoder, _matching_store(store, encoder, allow_foreign_store),

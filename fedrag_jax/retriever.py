@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from .generator import bucket_length
 from .models.bert import Encoder
+from .progress import progress_bar
 from .sharding import shard_batch
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
@@ -98,7 +98,7 @@ class DualEncoder:
         order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths together
         graphdef, state = nnx.split(encoder)
         pad_id = self.tokenizer.pad_token_id or 0
-        bar = tqdm(total=len(rows), desc=f"encoding {what}", unit=what[:-1],
+        bar = progress_bar(total=len(rows), desc=f"encoding {what}", unit=what[:-1],
                    disable=not progress)
         for start in range(0, len(rows), self.batch_size):
             chunk = order[start:start + self.batch_size]

@@ -22,6 +22,7 @@ from fedrag_jax.errors import (
     InvalidEmbeddingError,
     KnowledgeStoreError,
     NodeNotFoundError,
+    OutputExistsError,
 )
 from fedrag_jax.knowledge_store import (
     ExactKnowledgeStore,
@@ -448,7 +449,7 @@ def test_persist_replaces_atomically_and_refuses_foreign_dirs(tmp_path):
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"meow")
     store.delete(["bad"])
-    with pytest.raises(KnowledgeStoreError, match="refusing"):
+    with pytest.raises(OutputExistsError, match="did not write"):
         store.persist(foreign)
     assert (foreign / "cat.jpg").read_bytes() == b"meow"
 

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import gpath, testing
 from orbax.checkpoint._src.multihost import multihost as orbax_multihost
 
 from fedrag_jax import outputs
@@ -26,49 +25,6 @@ from tests.helpers import tiny_rag_parts
 from tests.trainer_worker import build
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-    """gs://BUCKET/... served from tmp_path/gcs/BUCKET/... through epath's backend hooks.
-
-    The working directory is an empty folder: a gs:// path mistaken for a pathlib.Path would
-    create "gs:" there.
-    """
-    root = tmp_path / "gcs"
-    root.mkdir()
-    prefix = "gs://"
-
-    def local(p):
-        s = os.fspath(p)
-        return str(root / s[len(prefix):]) if s.startswith(prefix) else s
-
-    def remote(p):
-        s = os.fspath(p)
-        return prefix + os.path.relpath(s, root) if s.startswith(str(root)) else s
-
-    def one(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two(fn, path, dst, *args, **kwargs):
-        return fn(local(path), local(dst), *args, **kwargs)
-
-    def walk(fn, top, **kwargs):
-        for dirpath, dirs, files in fn(local(top), **kwargs):
-            yield remote(dirpath), dirs, files
-
-    def glob(fn, pattern):
-        return [remote(p) for p in fn(local(pattern))]
-
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    hooks = {name: one for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "open",
-                                    "remove", "rmtree", "stat")}
-    with testing.mock_epath(**hooks, rename=two, replace=two, copy=two, walk=walk, glob=glob):
-        yield root
-    assert list(cwd.iterdir()) == [], "a gs:// path was written as a local path"
 
 
 class FakeCheckpoints:
@@ -93,7 +49,7 @@ class FakeCheckpoints:
         pass
 
 
-def test_gs_output_dir_is_an_epath_never_a_pathlib_path():
+def test_gs_output_dir_is_an_epath_never_a_pathlib_path(fake_gcs):
     p = outputs.out_path("gs://bucket/run")
     assert isinstance(p, epath.Path) and not isinstance(p, pathlib.Path)
     assert str(p / "lsr" / "metrics.jsonl") == "gs://bucket/run/lsr/metrics.jsonl"
@@ -140,10 +96,13 @@ def test_rag_system_and_benchmark_outputs_on_gs(fake_gcs, tmp_path):
     saved = rag.save_pretrained("gs://bucket/run/rag")
     assert isinstance(saved, epath.Path) and str(saved) == "gs://bucket/run/rag"
     folder = fake_gcs / "bucket" / "run" / "rag"
-    assert (folder / "rag_config.json").is_file() and (folder / "store").is_dir()
-    saved_again = rag.save_pretrained("gs://bucket/run/rag")  # replaces the old objects
+    (version,) = [p for p in folder.iterdir() if p.name != ".fedrag-jax-output.json"]
+    assert (version / "rag_config.json").is_file() and (version / "store").is_dir()
+    saved_again = rag.save_pretrained("gs://bucket/run/rag")  # a new version replaces it
     assert str(saved_again) == "gs://bucket/run/rag"
-    loaded = RAGSystem.from_pretrained(folder)
+    (newer,) = [p for p in folder.iterdir() if p.name != ".fedrag-jax-output.json"]
+    assert newer != version  # the old version is deleted once the new one is current
+    loaded = RAGSystem.from_pretrained("gs://bucket/run/rag")
     queries = [r["query"] for r in records[:3]]
     assert [r.answer for r in loaded.batch_query(queries)] == \
         [r.answer for r in rag.batch_query(queries)]

@@ -117,7 +117,7 @@ def test_install_dry_run(sandbox):
     assert lines[0].startswith("python3 -m pip wheel --no-deps --wheel-dir")
     ssh = [line for line in lines if "tpu-vm ssh fedrag-test" in line]
     assert len(ssh) == 2 and all("--zone=us-west4-a --worker=all" in line for line in ssh)
-    assert "pip install --upgrade 'jax[tpu]' ~/fedrag-jax/fedrag_jax-" in ssh[1]
+    assert "pip install --upgrade 'jax[tpu]' gcsfs ~/fedrag-jax/fedrag_jax-" in ssh[1]
     scp = [line for line in lines if "tpu-vm scp" in line]
     assert len(scp) == 1 and "fedrag-test:fedrag-jax/ --zone=us-west4-a --worker=all" in scp[0]
     for asset in ("retriever", "generator", "corpus"):  # the same pins as fedrag_jax.assets
@@ -248,7 +248,7 @@ def test_install_copies_and_installs_on_every_worker(sandbox):
     sandbox.remote(flag(ssh, "command"), wait_for="python3", count=5)
     pip = [c[1:] for c in sandbox.calls("python3")[1:]]
     home = str(sandbox.home)
-    assert pip[1] == ["-m", "pip", "install", "--upgrade", "jax[tpu]",
+    assert pip[1] == ["-m", "pip", "install", "--upgrade", "jax[tpu]", "gcsfs",
                       f"{home}/fedrag-jax/{Path(scp[6]).name}"]
     assert pip[2][:4] == ["-m", "pip", "install", "--no-deps"]
     assert sorted(pip[2][4:]) == sorted(assets.PACKAGES[a][1]

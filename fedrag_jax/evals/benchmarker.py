@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
 from ..errors import ConfigError, DataError
 from ..outputs import open_atomic, out_path
+from ..progress import progress_bar
 from .benchmarks import BenchmarkExample
 from .metrics import (
     answer_to_choice,
@@ -193,7 +192,7 @@ class Benchmarker:
                 # Lines stream into the temporary file as batches finish; it becomes
                 # examples.jsonl only once the whole run succeeded.
                 jsonl = stack.enter_context(open_atomic(self.out_dir / "examples.jsonl"))
-            bar = stack.enter_context(tqdm(total=len(examples), desc="benchmark", unit="ex",
+            bar = stack.enter_context(progress_bar(total=len(examples), desc="benchmark", unit="ex",
                                            disable=not self.progress))
             for start in range(0, len(examples), self.batch_size):
                 batch = examples[start:start + self.batch_size]

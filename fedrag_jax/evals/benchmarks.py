@@ -513,7 +513,9 @@ def load_qa_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Ben
     ``gold_choice`` (index or letter: multiple choice), ``id``. The training records of
     ``data.train`` / ``data.eval`` ({query, response, gold_id}) are valid input as they are.
     """
-    path = os.fspath(path)
+    from ..paths import local_copy
+
+    path = os.fspath(local_copy(path, "JSONL file"))  # local, or gs:// fetched once
     if not os.path.isfile(path):
         raise DataError(f"no such JSONL file: {path}; pass a file of {{query, answer}} lines")
     examples: list[BenchmarkExample] = []

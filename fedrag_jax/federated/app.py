@@ -67,6 +67,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config
 from ..errors import ConfigError, DataError, FedRAGJaxError, SiloDataError
+from ..outputs import out_path
+from ..paths import is_remote, local_copy
 from .client import (
     CONFIG,
     client_id_of_node,
@@ -92,7 +94,9 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
     """The fedrag-jax :class:`Config` a Flower run config names."""
     raw = str(run_config.get("config-path", "") or "")
     path = None
-    if raw:
+    if raw and is_remote(raw):
+        path = local_copy(raw, "run config 'config-path'")  # gs:// fetched once
+    elif raw:
         path = Path(raw).expanduser()
         if not path.is_absolute() and not path.is_file() and (APP_DIR / path).is_file():
             path = APP_DIR / path  # shipped inside the app (FAB) folder
@@ -130,9 +134,10 @@ def phases_of(config: Config, run_config: dict[str, Any]) -> tuple[str, ...]:
     return phases
 
 
-def checkpoint_dir(config: Config, method: str) -> Path:
-    """Where the server writes its per-round checkpoints (as ``train_federated`` does)."""
-    return Path(config.output_dir) / f"federated_{method}" / "checkpoints"
+def checkpoint_dir(config: Config, method: str) -> str:
+    """Where the server writes its per-round checkpoints (as ``train_federated`` does): an
+    absolute local folder, or a gs:// prefix kept as one (never a local ``gs:`` folder)."""
+    return str(out_path(config.output_dir) / f"federated_{method}" / "checkpoints")
 
 
 def evaluate_of(run_config: dict[str, Any]) -> bool:
@@ -155,7 +160,13 @@ def silo_files(node_config: dict[str, Any]) -> dict[str, Path]:
         raw = str(node_config.get(key, "") or "").strip()
         if not raw:
             continue
-        path = Path(raw).expanduser()
+        if is_remote(raw):  # a silo's files on its own bucket: fetched once
+            try:
+                path = local_copy(raw, f"node config {key}")
+            except FedRAGJaxError as e:
+                raise SiloDataError(f"node config {key}={raw!r}: {e}") from e
+        else:
+            path = Path(raw).expanduser()
         if key == "store-path" and not path.is_dir():
             raise SiloDataError(f"node config {key}={raw!r}: no such folder; give the folder "
                                 "a store was persisted to (for an index folder: <index>/store)")
@@ -316,7 +327,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     tuned: Any = None  # a both-run's federated query tower, for the RALT phase's clients
     for phase in phases:
         task = server_task(context.run_config, phase)
-        run = ServerRun(checkpoint_dir=str(checkpoint_dir(config, phase).resolve()),
+        run = ServerRun(checkpoint_dir=checkpoint_dir(config, phase),
                         message_config={PHASE: phase},
                         message_arrays={RETRIEVER: tuned} if tuned is not None else {})
         if config.fed.secagg:

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..generator import DEFAULT_LENGTH_BUCKETS, Generator, bucket_length, left_pad
 from ..jsonl import read_jsonl
+from ..paths import local_copy
+from ..progress import progress_bar
 from ..types import DEFAULT_PROMPT_TEMPLATE
 
 _SLOT = "\x00CONTEXT\x00"
@@ -39,7 +40,7 @@ _SLOT = "\x00CONTEXT\x00"
 def load_records(source: Any) -> list[dict]:
     """Records from a list of dicts, an HF ``datasets.Dataset`` or a JSONL file."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = Path(local_copy(source, "JSONL file"))  # local, or gs:// fetched once
         if not path.is_file():
             raise DataError(f"no such JSONL file: {path}")
         records = [row for _, row in read_jsonl(path)]
@@ -357,7 +358,8 @@ def build_lsr_dataset(records: Iterable[dict], retriever, store, generator: Gene
     todo = [p for p in pair_prompts if np.isnan(logprobs[p])]
     # similar lengths share a bucket
     order = [todo[i] for i in np.argsort([len(pair_prompts[p]) for p in todo])]
-    bar = tqdm(total=len(order), desc="LM-scoring passages", unit="pair", disable=not progress)
+    bar = progress_bar(total=len(order), desc="LM-scoring passages", unit="pair",
+                       disable=not progress)
     for start in range(0, len(order), score_batch_size):
         chunk = order[start:start + score_batch_size]
         logprobs[chunk] = generator.score_ids([pair_prompts[i] for i in chunk],

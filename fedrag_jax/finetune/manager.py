@@ -31,6 +31,7 @@ from ..generator import Generator
 from ..indexing import build_store, check_store_fingerprint, load_corpus, reencode_store
 from ..knowledge_store import KnowledgeStore, load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
+from ..paths import local_copy
 from ..qa_data import make_qa_pairs
 from ..rag import RAGSystem
 from ..retriever import DualEncoder
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def _path(value: str, which: str) -> str:
     if value != "bundled":
-        return value
+        return str(local_copy(value, f"model.{which}"))  # local, or gs:// fetched once
     return str(assets.retriever_path() if which == "retriever" else assets.generator_path())
 
 
@@ -78,7 +79,7 @@ def build_rag_system(config: Config, mesh=None,
     corpus = load_corpus(config.data.corpus, limit=config.data.corpus_limit)
     if store is not None or config.data.index:  # made elsewhere: by this retriever?
         if store is None:
-            store = load_store(Path(config.data.index) / "store")
+            store = load_store(local_copy(config.data.index, "data.index") / "store")
         check_store_fingerprint(store, retriever, allow_foreign=config.allow_foreign_store,
                                 where=config.data.index or "the given store")
     else:

@@ -36,6 +36,7 @@ import numpy as np
 from .. import outputs
 from ..checkpoint import CheckpointManager
 from ..errors import ConfigError, DataError, NonFiniteError, ResumeMismatchError
+from ..progress import progress_bar
 from ..sharding import shard_batch
 from .steps import TrainState, compile_step, place_state
 
@@ -148,7 +149,6 @@ class Trainer:
 
     def _train(self, ckpt: CheckpointManager) -> TrainState:
         from tensorboardX import SummaryWriter
-        from tqdm.auto import tqdm
 
         cfg = self.config
         state, done, (epoch, index) = self._start(ckpt)
@@ -167,7 +167,7 @@ class Trainer:
             if self._tb is not None else None
         self._jsonl = MetricsLog(self.metrics_path) if self.primary else None
         self._writer = writer
-        bar = tqdm(total=cfg.total_steps, initial=done, desc=cfg.name, unit="step",
+        bar = progress_bar(total=cfg.total_steps, initial=done, desc=cfg.name, unit="step",
                    disable=not (cfg.progress and self.primary), dynamic_ncols=True)
         self._bar = bar
         self._t0 = time.time()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..paths import local_copy
 from .base import METRICS, KnowledgeStore, Metric
 from .exact import ExactKnowledgeStore
 from .persistence import FORMAT_VERSION, read_manifest
@@ -82,7 +83,8 @@ def load_store(path: str | Path, *, backend: str | None = None, **kwargs: Any) -
 
     A ScaNN store loads as an exact store where scann cannot be imported.
     """
-    manifest = read_manifest(Path(path))
+    path = local_copy(path, "knowledge store")  # local, or gs:// fetched once
+    manifest = read_manifest(path)
     name = backend or manifest["store_type"]
     cls = STORE_TYPES.get(name)
     if cls is None:

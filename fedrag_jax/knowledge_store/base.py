@@ -436,10 +436,11 @@ class KnowledgeStore(abc.ABC):
         """Restore backend artifacts after the nodes were loaded."""
 
     def persist(self, path: str | Path) -> Path:
-        """Write the store to directory ``path`` atomically (replacing an older store there)."""
+        """Write the store to directory ``path`` (local or gs://) atomically, replacing an
+        older store there; a folder that holds anything else is refused (OutputExistsError)."""
         from .persistence import write_store
 
-        return write_store(self, Path(path))
+        return write_store(self, path)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> KnowledgeStore:
@@ -448,9 +449,11 @@ class KnowledgeStore(abc.ABC):
         Raises :class:`~fedrag_jax.errors.CorruptStoreError` naming the problem.
         ``kwargs`` go to the constructor (e.g. ``mesh=`` for the exact store).
         """
+        from ..paths import local_copy
         from .persistence import read_store
 
-        data = read_store(Path(path))
+        path = local_copy(path, "knowledge store")  # local, or gs:// fetched once
+        data = read_store(path)
         m = data.manifest
         kwargs = {**m.get("store_config", {}), **kwargs}
         kwargs = {k: v for k, v in kwargs.items() if k in cls._config_keys()}

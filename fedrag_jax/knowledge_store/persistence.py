@@ -9,7 +9,9 @@ One directory::
     <artifacts>/      backend files, e.g. scann/ (ScaNN's own serialized searcher)
 
 Writes go to a hidden sibling directory first and are swapped in with renames, so a reader
-never sees half a store and a failed write leaves the old store as it was. Loading verifies
+never sees half a store and a failed write leaves the old store as it was
+(``fedrag_jax.atomic``; on gs://, a new version and a marker switch). Only an earlier store
+is replaced: a folder holding anything its manifest does not list is refused. Loading verifies
 the version, every checksum, and the shapes and row counts, and raises
 :class:`~fedrag_jax.errors.CorruptStoreError` naming the problem; it never unpickles.
 """
@@ -19,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 NODES = "nodes.parquet"
 EMBEDDINGS = "embeddings.npy"
+KIND = "knowledge-store"  # the output marker's kind (fedrag_jax.atomic)
 
 
 @dataclass
@@ -55,13 +56,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
 
 
 def _write_nodes(path: Path, ids: list[str], texts: list[str],
@@ -85,22 +79,27 @@ def _write_nodes(path: Path, ids: list[str], texts: list[str],
     pq.write_table(table, path)
 
 
-def write_store(store: KnowledgeStore, path: Path) -> Path:
-    """Persist ``store`` to directory ``path`` (atomically replacing an older store there)."""
-    path = Path(path).absolute()
-    if path.exists() and not path.is_dir():
-        raise KnowledgeStoreError(f"{path} exists and is not a directory; choose another path")
-    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).is_file():
-        raise KnowledgeStoreError(
-            f"{path} is a non-empty directory that holds no knowledge store; refusing to "
-            "replace it (choose an empty or new directory)")
+def _legacy_files(path: Path) -> set[str] | None:
+    """The files of a store written before output markers existed: its manifest's list."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return {*manifest["files"], MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_store(store: KnowledgeStore, path: str | os.PathLike) -> str | Path:
+    """Persist ``store`` to the folder ``path`` (local or gs://), atomically replacing an
+    older store there (outputs.staged_directory). A folder that holds anything else is
+    refused with OutputExistsError before anything is written."""
+    from ..outputs import is_remote, staged_directory
+
     if store.dimension is None:
         raise KnowledgeStoreError("cannot persist a store that has never held an embedding "
                                   "(its dimension is unknown); add nodes first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    remote = is_remote(path)
+    path = os.fspath(path) if remote else Path(path).absolute()
+    with staged_directory(path, kind=KIND, legacy_files=_legacy_files) as tmp:
         data = store._export()
         _write_nodes(tmp / NODES, data["node_ids"], data["texts"], data["metadata"])
         np.save(tmp / EMBEDDINGS, np.ascontiguousarray(data["embeddings"], np.float32),
@@ -123,31 +122,7 @@ def write_store(store: KnowledgeStore, path: Path) -> Path:
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
-        _swap_in(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` to ``path``; an old store there is moved aside, then removed.
-
-    POSIX cannot rename over a non-empty directory, so there are two renames; between them
-    ``path`` is briefly absent and the old store sits at ``.<name>.old-*`` beside it.
-    """
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old, path)  # put the old store back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- reading

@@ -239,10 +239,10 @@ class ScannKnowledgeStore(KnowledgeStore):
     def _build_with_progress(self, builder: Any, mode: str, n: int) -> Any:
         if not self.show_progress:
             return builder.build()
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         # ScaNN's build is one opaque C++ call: show that it runs and how long it took
-        with tqdm(total=1, desc=f"ScaNN {mode} build ({n:,} rows)", unit="index") as bar:
+        with progress_bar(total=1, desc=f"ScaNN {mode} build ({n:,} rows)", unit="index") as bar:
             searcher = builder.build()
             bar.update(1)
         return searcher

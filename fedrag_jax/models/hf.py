@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from ..atomic import atomic_directory
 from ..errors import CheckpointNotFoundError, UnsupportedModelError, WeightMismatchError
+from ..outputs import staged_directory
+from ..paths import local_copy
 from ..sharding import DEFAULT_RULES, LogicalRules, named_sharding
 from . import bert, llama
 from .safetensors_io import open_tensors, save_file
@@ -44,7 +45,7 @@ def numpy_dtype(name: str | Any) -> np.dtype:
 
 # --- reading -------------------------------------------------------------------------------
 def existing_checkpoint(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
+    p = local_copy(path, "checkpoint")  # a local path, or a gs:// one fetched once
     if not p.exists():
         raise CheckpointNotFoundError(
             f"no checkpoint at {str(p)!r}: pass a Hugging Face model folder (config.json + "
@@ -305,11 +306,12 @@ def write_sentence_transformers_files(config: bert.BertConfig, folder: Path,
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None,
                     max_shard_bytes: int = 2 << 30) -> None:
-    """Write a HF folder for ``model`` atomically (the old folder stays until it is done)."""
+    """Write a HF folder for ``model`` atomically (the old folder stays until it is done;
+    a folder fedrag-jax did not write is refused: OutputExistsError), locally or on gs://."""
     import transformers
 
     tensors = hf_tensors(model)
-    with atomic_directory(out_dir) as tmp:
+    with staged_directory(out_dir, kind="hf-model") as tmp:
         model.config.to_hf().save_pretrained(tmp)
         write_safetensors(tensors, tmp, max_shard_bytes)
         if isinstance(model, llama.CausalLM):

@@ -27,6 +27,29 @@ DTYPES: dict[str, np.dtype] = {
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return f"has {type(info).__name__} {info!r:.40} instead of {{dtype, shape, data_offsets}}"
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            return f"has no {key!r}"
+    if not isinstance(info["dtype"], str):
+        return f"has dtype {info['dtype']!r}, not a string"
+    shape = info["shape"]
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        return f"has shape {shape!r}, not a list of non-negative integers"
+    offsets = info["data_offsets"]
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+            or offsets[0] > offsets[1]):
+        return f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+    return None
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """(header without __metadata__, byte offset where the data starts)."""
     size = path.stat().st_size
@@ -41,9 +64,17 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object; "
+                                     "re-download or re-export the checkpoint")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
+        problem = _entry_problem(info)
+        if problem:
+            raise CorruptCheckpointError(
+                f"{path}: malformed safetensors header: tensor {name!r} {problem}; "
+                "re-download or re-export the checkpoint")
         end = info["data_offsets"][1]
         if data_start + end > size:
             raise CorruptCheckpointError(

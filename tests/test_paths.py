@@ -17,6 +17,7 @@ from fedrag_jax.cli import main
 from fedrag_jax.errors import (
     FilesystemNotInstalledError,
     OutputExistsError,
+    StoreFingerprintError,
     UnsupportedPathError,
 )
 from fedrag_jax.rag import RAGSystem
@@ -239,10 +240,16 @@ def test_gs_paths_work_for_every_input_and_output(files, rag, fake_gcs, tmp_path
     assert json.loads(aggregate.read_text())["num_examples"] == 2
     assert main(["export", "--system", "gs://bucket/run/rag", "--out",
                  "gs://bucket/export"]) == 0
+    # the exported models with the store their retriever built (the saved system's)
     exported = RAGSystem.from_parts(retriever="gs://bucket/export/retriever",
                                     generator="gs://bucket/export/generator",
-                                    store="gs://bucket/idx/store")
-    assert exported.store.count == 10
+                                    store="gs://bucket/run/rag/store")
+    assert exported.store.count == rag.store.count == 8
+    # the store another retriever built is refused by name, on gs:// as well
+    with pytest.raises(StoreFingerprintError, match="gs://bucket/idx/store"):
+        RAGSystem.from_parts(retriever="gs://bucket/export/retriever",
+                             generator="gs://bucket/export/generator",
+                             store="gs://bucket/idx/store")
     assert list(Path.cwd().iterdir()) == []  # nothing landed in the working directory
 
 

@@ -44,6 +44,16 @@ class DataConfig:
     num_train: int = 256  # training questions (bundled: made from the corpus)
     num_eval: int = 64  # dev questions (disjoint articles)
     topics: list[str] | None = None  # restrict bundled QA pairs to these corpus topics
+    # train: "questions" makes factoid questions of several kinds from the corpus
+    # (fedrag_jax/questions, docs/questions.md): train and dev of train_kinds, and a test
+    # split of every kind in test_kinds, so each run also reports kinds it never trained on
+    train_kinds: list[str] = field(default_factory=lambda: ["title", "nationality", "place"])
+    test_kinds: list[str] | None = None  # null: every kind
+    num_test: int = 128  # test questions per kind (retrieval metrics on all of them)
+    num_test_answered: int = 32  # of which answered per kind (generated-answer metrics)
+    # what LSR scores and RALT trains on: the passage sentence that states the answer
+    # (keeps the generator reading its context) or the bare answer
+    target: Literal["answer", "sentence"] = "sentence"
 
 
 @dataclass

@@ -53,7 +53,8 @@ class RAGSystem:
         return self.batch_retrieve([query], top_k)[0]
 
     # --- generation --------------------------------------------------------------------------
-    def _context(self, text: str) -> str:
+    def passage_text(self, text: str) -> str:
+        """What a prompt shows of a passage: its first ``max_context_tokens`` tokens."""
         if self.max_context_tokens is None:
             return text
         tok = self.generator.tokenizer
@@ -62,11 +63,11 @@ class RAGSystem:
 
     def build_prompt(self, query: str, sources: Sequence[SourceNode]) -> str:
         """The concat prompt: every passage in one context."""
-        return self.config.format_prompt(query, [self._context(s.text) for s in sources])
+        return self.config.format_prompt(query, [self.passage_text(s.text) for s in sources])
 
     def passage_prompts(self, query: str, sources: Sequence[SourceNode]) -> list[str]:
         """The ensemble's prompts: one per passage, each as :meth:`build_prompt` with it alone."""
-        return [self.config.format_prompt(query, [self._context(s.text)]) for s in sources]
+        return [self.config.format_prompt(query, [self.passage_text(s.text)]) for s in sources]
 
     def fusion_log_weights(self, sources: Sequence[Sequence[SourceNode]]) -> np.ndarray:
         """log P_R(d | x) = log softmax_k(s(x, d) / tau) [B, k] of the retrieved passages."""

@@ -41,8 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RETRIEVAL_METRICS = ("recall_at_k", "mrr", "answer_in_passages")
-ANSWER_METRICS = ("contained", "exact_match", "f1")
+from fedrag_jax.evals.kinds import ANSWER_METRICS, RETRIEVAL_METRICS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,51 +172,22 @@ def load_systems(args) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate(rag, test: list[dict], answered: set[int], args, name: str) -> list[dict]:
-    from tqdm.auto import tqdm
+def evaluate(rag, test: list[dict], per_kind: int, args, name: str) -> list[dict]:
+    """fedrag_jax.evals.kinds.evaluate_by_kind on ``test`` (the first ``per_kind`` of each
+    kind answered), plus each answer's length in generated tokens."""
+    from fedrag_jax.evals.kinds import evaluate_by_kind
 
-    from fedrag_jax.evals.metrics import (
-        answer_contained,
-        answer_in_passages,
-        exact_match,
-        query_recall_at_k,
-        reciprocal_rank,
-        token_f1,
-    )
-
-    k = args.top_k
     t0 = time.perf_counter()
-    sources = rag.batch_retrieve([q["query"] for q in test], k)
-    retrieval_s = time.perf_counter() - t0
-    rows = []
-    for q, src in zip(test, sources, strict=True):
-        ids = [s.node_id for s in src]
-        rows.append({"id": q["id"], "kind": q["kind"], "query": q["query"],
-                     "answers": q["answers"], "gold_id": q["gold_id"], "retrieved_ids": ids,
-                     "recall_at_k": query_recall_at_k(ids, q["gold_id"], k),
-                     "mrr": reciprocal_rank(ids, q["gold_id"], k),
-                     "answer_in_passages": answer_in_passages([s.text for s in src],
-                                                              q["answers"], k),
-                     "answer": None, "contained": None, "exact_match": None, "f1": None,
-                     "new_tokens": None})
-    todo = [i for i, q in enumerate(test) if q["id"] in answered]
-    prompts = [rag.build_prompt(test[i]["query"], sources[i]) for i in todo]
+    rows = evaluate_by_kind(rag, test, answered_per_kind=per_kind, batch_size=args.batch_size,
+                            top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                            desc=f"answering ({name})")
+    seconds = time.perf_counter() - t0
     tok = rag.generator.tokenizer
-    bs = args.batch_size
-    t0 = time.perf_counter()
-    for start in tqdm(range(0, len(todo), bs), desc=f"answering ({name})", unit="batch"):
-        part = prompts[start:start + bs]
-        padded = part + [part[-1]] * (bs - len(part))  # one compiled decode per bucket
-        answers = rag.generator.generate(padded, max_new_tokens=args.max_new_tokens)[:len(part)]
-        for i, answer in zip(todo[start:start + bs], answers, strict=True):
-            golds = test[i]["answers"]
-            rows[i].update(answer=answer, contained=answer_contained(answer, golds),
-                           exact_match=exact_match(answer, golds), f1=token_f1(answer, golds),
-                           new_tokens=len(tok(answer, add_special_tokens=False)["input_ids"]))
-    generate_s = time.perf_counter() - t0
+    answered = sum(r["answer"] is not None for r in rows)
     for r in rows:
-        r["_timing"] = {"retrieval_s": retrieval_s, "generate_s": generate_s,
-                        "answered": len(todo)}
+        r["new_tokens"] = (None if r["answer"] is None else
+                           len(tok(r["answer"], add_special_tokens=False)["input_ids"]))
+        r["_timing"] = {"seconds": seconds, "answered": answered}
     return rows
 
 
@@ -301,16 +271,15 @@ def run(args, test: list[dict], info: dict, systems: dict[str, Any],
             per_system[name] = [json.loads(line) for line in cached.read_text().splitlines()]
             print(f"{name}: reused {cached}", flush=True)
             continue
-        rows = evaluate(rag, test, answered if answers_here else set(), args, name)
+        rows = evaluate(rag, test, args.answer_per_kind if answers_here else 0, args, name)
         tmp = cached.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         os.replace(tmp, cached)
         meta.write_text(json.dumps(mine, indent=2))
         per_system[name] = rows
         t = rows[0]["_timing"]
-        print(f"{name}: retrieval {t['retrieval_s']:.1f} s for {len(rows)} questions, "
-              f"generation {t['generate_s']:.1f} s for {t['answered']} "
-              f"({t['generate_s'] / max(1, t['answered']):.2f} s each)", flush=True)
+        print(f"{name}: {t['seconds']:.1f} s for {len(rows)} questions retrieved, "
+              f"{t['answered']} answered", flush=True)
 
     summaries = {name: summary(rows, kinds) for name, rows in per_system.items()}
     lengths = {name: length_report(rows, args.max_new_tokens)

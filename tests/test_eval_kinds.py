@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from fedrag_jax.types import KnowledgeNode, SourceNode
+from fedrag_jax.types import KnowledgeNode, RAGConfig, SourceNode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,11 @@ class StandIn:
         self.broken_kind = broken_kind
         self.generator = self
         self.tokenizer = WordTokenizer()
+        self.config = RAGConfig(top_k=3)
+        self.max_new_tokens = 32
+
+    def passage_text(self, text):
+        return text
 
     def batch_retrieve(self, queries, k):
         out = []

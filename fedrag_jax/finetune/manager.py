@@ -26,6 +26,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..evals.benchmarker import Benchmarker
 from ..evals.benchmarks import BenchmarkExample
+from ..evals.kinds import evaluate_by_kind, kinds_report, summarize
 from ..evals.metrics import exact_match, mrr, recall_at_k, token_f1
 from ..generator import Generator
 from ..indexing import build_store, check_store_fingerprint, load_corpus, reencode_store
@@ -33,6 +34,8 @@ from ..knowledge_store import KnowledgeStore, load_store
 from ..models.lora import apply_lora, has_lora, merge_lora
 from ..paths import local_copy
 from ..qa_data import make_qa_pairs
+from ..questions import KINDS, QuestionSplits, make_question_splits
+from ..questions.targets import with_targets
 from ..rag import RAGSystem
 from ..retriever import DualEncoder
 from ..sharding import host_copy, make_mesh
@@ -125,8 +128,36 @@ def run_settings(config: Config, name: str) -> dict[str, Any]:
     return settings
 
 
+def load_question_splits(config: Config, corpus: list[dict]) -> QuestionSplits:
+    """``data.train: questions``: train / dev questions of ``data.train_kinds`` (their
+    ``response`` the ``data.target``), and a test split of every kind in ``data.test_kinds``
+    (``num_test`` each; ``response`` the bare answer), from disjoint articles. Test questions
+    depend only on the corpus, the kinds, the seed and ``num_test``, never on the train size."""
+    d = config.data
+    train_kinds = list(dict.fromkeys(d.train_kinds))
+    test_kinds = list(dict.fromkeys(d.test_kinds or KINDS))
+    if not train_kinds:
+        raise ConfigError("data.train_kinds is empty: name at least one question kind to train on")
+    kinds = list(dict.fromkeys(train_kinds + test_kinds))
+    per_train = -(-d.num_train // len(train_kinds))
+    per_dev = -(-d.num_eval // len(train_kinds))
+    splits = make_question_splits(
+        corpus, kinds=kinds, seed=config.seed, allow_fewer=True,
+        num_train={k: per_train if k in train_kinds else 0 for k in kinds},
+        num_dev={k: per_dev if k in train_kinds else 0 for k in kinds},
+        num_test={k: d.num_test if k in test_kinds else 0 for k in kinds})
+    splits.train = with_targets(splits.train, d.target)[: d.num_train]
+    splits.dev = with_targets(splits.dev, d.target)[: d.num_eval]
+    for i, q in enumerate(splits.test):
+        q["id"] = i
+    return splits
+
+
 def load_train_eval_records(config: Config, corpus: list[dict]) -> tuple[list[dict], list[dict]]:
     d = config.data
+    if d.train == "questions":
+        splits = load_question_splits(config, corpus)
+        return splits.train, splits.dev
     if d.train == "bundled":
         train, dev = make_qa_pairs(corpus, d.num_train, d.num_eval, seed=config.seed,
                                    topics=d.topics)
@@ -168,10 +199,14 @@ def ralt_model(config: Config, generator: nnx.Module) -> tuple[nnx.Module, Any, 
 
 class FinetuneManager:
     def __init__(self, rag: RAGSystem, train_records: list[dict], eval_records: list[dict],
-                 config: Config, *, mesh=None, dataset_cache: dict | None = None):
+                 config: Config, *, mesh=None, dataset_cache: dict | None = None,
+                 test_records: list[dict] | None = None):
         self.rag = rag
         self.train_records = load_records(train_records)
         self.eval_records = list(eval_records)
+        # questions of several kinds (with "kind"): each evaluation scores them per kind
+        self.test_records = list(test_records or [])
+        self.kind_rows: dict[str, list[dict]] = {}
         self.config = config
         self.mesh = mesh if mesh is not None else make_mesh(vars(config.mesh))
         self.output_dir = outputs.out_path(config.output_dir)  # local or gs://
@@ -190,6 +225,10 @@ class FinetuneManager:
     def from_config(cls, config: Config) -> FinetuneManager:
         mesh = make_mesh(vars(config.mesh))
         rag, corpus = build_rag_system(config, mesh)
+        if config.data.train == "questions":
+            splits = load_question_splits(config, corpus)
+            return cls(rag, splits.train, splits.dev, config, mesh=mesh,
+                       test_records=splits.test)
         train, dev = load_train_eval_records(config, corpus)
         return cls(rag, train, dev, config, mesh=mesh)
 
@@ -229,6 +268,45 @@ class FinetuneManager:
         self.results[name] = metrics
         log.info("%s: %s", name, metrics)
         return metrics
+
+    def evaluate_kinds(self, name: str, *, fusion: str | None = None,
+                       answered_per_kind: int | None = None) -> dict[str, Any]:
+        """The test questions per kind (:mod:`fedrag_jax.evals.kinds`): retrieval metrics on
+        all, answer metrics on the first ``data.num_test_answered`` of each kind. Rows go to
+        ``eval/<name>/kinds.jsonl``; the per-kind means to ``results["kinds"][name]``."""
+        if not self.test_records:
+            return {}
+        rows = evaluate_by_kind(self.rag, self.test_records,
+                                answered_per_kind=(self.config.data.num_test_answered
+                                                   if answered_per_kind is None
+                                                   else answered_per_kind),
+                                fusion=fusion, progress=self.config.progress, desc=name)
+        self.kind_rows[name] = rows
+        summary = summarize(rows, self.test_kinds())
+        self.results.setdefault("kinds", {})[name] = summary
+        if outputs.is_primary():
+            outputs.write_text(self.output_dir / "eval" / name / "kinds.jsonl", "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        log.info("%s per kind: %s", name, {k: round(v.get("contained", float("nan")), 3)
+                                           for k, v in summary.items()})
+        return summary
+
+    def test_kinds(self) -> list[str]:
+        present = {r["kind"] for r in self.test_records}
+        return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+
+    def write_kinds_report(self, reference: str, names: list[str] | None = None) -> str:
+        """Paired comparisons of each evaluated system with ``reference``, per kind, written
+        to ``kinds_report.md`` / ``kinds_report.json``; returns the Markdown."""
+        names = [n for n in (names or self.kind_rows) if n != reference]
+        text, data = kinds_report(self.kind_rows, reference, names, kinds=self.test_kinds(),
+                                  train_kinds=self.config.data.train_kinds,
+                                  seed=self.config.seed)
+        self.results["kinds_comparison"] = data
+        if outputs.is_primary():
+            outputs.write_text(self.output_dir / "kinds_report.md", text)
+            outputs.write_text(self.output_dir / "kinds_report.json", json.dumps(data, indent=2))
+        return text
 
     def retrieval_metrics(self, queries: list[str], gold_ids: list[str],
                           retriever: DualEncoder | None = None) -> dict[str, float]:
@@ -664,10 +742,12 @@ class FinetuneManager:
         mode = self.config.mode
         if evaluate:
             self.evaluate("before")
+            self.evaluate_kinds("before")
         if self.config.federated:
             self.train_federated()
             if evaluate:
                 self.evaluate("after_federated")
+                self._report_kinds("after_federated")
             return self._write_results()
         if mode in ("retriever", "both"):
             self.train_retriever()
@@ -677,7 +757,14 @@ class FinetuneManager:
             self.train_generator()
             if evaluate:
                 self.evaluate("after_ralt" if mode == "both" else "after")
+        if evaluate:
+            self._report_kinds("after")
         return self._write_results()
+
+    def _report_kinds(self, name: str) -> None:
+        if self.test_records:
+            self.evaluate_kinds(name)
+            print(self.write_kinds_report("before", [name]), flush=True)
 
     def _write_results(self) -> dict[str, Any]:
         if outputs.is_primary():
